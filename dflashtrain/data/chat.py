@@ -1,0 +1,78 @@
+"""Chat rows -> ``input_ids`` and ``loss_mask`` through the target's own chat template (SPEC §2 step 1).
+
+``loss_mask`` is 1 on assistant tokens, including the end-of-turn token that closes each assistant turn. Templates
+that mark assistant spans with ``{% generation %}`` give the mask directly; for others the span of assistant turn i
+is the difference between the rendering of ``messages[:i]`` (with the generation prompt) and of
+``messages[:i+1]``, cut after its last end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> List[int]:
+    out = tokenizer.apply_chat_template(
+        list(messages), tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def _marked_mask(tokenizer, messages: Sequence[dict]) -> tuple[List[int], List[int]]:
+    out = tokenizer.apply_chat_template(
+        list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
+
+
+def _prefix_diff_mask(tokenizer, messages: Sequence[dict]) -> tuple[List[int], List[int]]:
+    input_ids = _ids(tokenizer, messages)
+    loss_mask = [0] * len(input_ids)
+    end_of_turn = tokenizer.eos_token_id
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_ids(tokenizer, messages[:i], add_generation_prompt=True))
+        upto = _ids(tokenizer, messages[: i + 1])
+        if input_ids[: len(upto)] != upto:
+            raise ValueError(
+                "the chat template does not render conversations prefix-consistently; add {% generation %} "
+                "markers around assistant content so assistant spans can be found"
+            )
+        stop = len(upto)
+        while stop > start and upto[stop - 1] != end_of_turn:  # drop the newline after the end-of-turn token
+            stop -= 1
+        for position in range(start, stop if stop > start else len(upto)):
+            loss_mask[position] = 1
+    return input_ids, loss_mask
+
+
+def tokenize_chat(tokenizer, messages: Sequence[dict], max_length: int) -> Dict[str, List[int]]:
+    """-> {"input_ids", "loss_mask"}, truncated to max_length."""
+    if "{% generation %}" in (tokenizer.chat_template or "") or "{%- generation %}" in (tokenizer.chat_template or ""):
+        input_ids, loss_mask = _marked_mask(tokenizer, messages)
+    else:
+        input_ids, loss_mask = _prefix_diff_mask(tokenizer, messages)
+    return {"input_ids": input_ids[:max_length], "loss_mask": loss_mask[:max_length]}
+
+
+def row_problem(row: object) -> str | None:
+    """Why a parsed JSONL row is not a usable chat, or None. Reasons are short and stable (they are counted)."""
+    if not isinstance(row, dict) or "messages" not in row:
+        return "missing messages"
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        return "missing messages"
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return "unknown role"
+        if not isinstance(message.get("content"), str):
+            return "non-string content"
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if not assistant:
+        return "no assistant turn"
+    if any(not m["content"].strip() for m in assistant):
+        return "empty assistant turn"
+    return None

@@ -1,0 +1,155 @@
+"""The DFlash drafter (SPEC §1): a few non-causal Qwen3-style layers conditioned on tapped target states.
+
+    c_t   = hidden_norm(fc(concat(H_l1,t, ..., H_ln,t)))          context features, shared by every layer
+    layer : x <- x + o_proj(attn(q(x), [K(c); K(x)], [V(c); V(x)]))   (KV injection, q/k RMSNorm, RoPE)
+            x <- x + down(silu(gate(x)) * up(x))                    (pre-norm, SwiGLU)
+    h     = norm(x)                                                  -> frozen target lm_head
+
+The drafter owns no embedding and no LM head: block tokens are embedded, and logits taken, by the frozen target.
+Parameter names are the ones serving engines load (``fc.weight``, ``layers.{i}.self_attn.q_proj.weight``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dflashtrain.models.masks import AnchorAttentionMask, attend
+
+
+@dataclass(frozen=True)
+class DrafterGeometry:
+    """Shapes of a drafter; hidden size, heads and RoPE come from the target's config."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    target_layer_ids: List[int]
+    block_size: int
+    mask_token_id: int
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Absolute RoPE: cos/sin for integer positions, computed in fp32."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [b, P] -> cos, sin [b, 1, P, head_dim]."""
+        angles = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [b, P, hd/2]
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # [b, 1, P, hd]
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+
+class DFlashAttention(nn.Module):
+    def __init__(self, g: DrafterGeometry):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = g.num_attention_heads, g.num_key_value_heads, g.head_dim
+        self.q_proj = nn.Linear(g.hidden_size, g.num_attention_heads * g.head_dim, bias=False)
+        self.k_proj = nn.Linear(g.hidden_size, g.num_key_value_heads * g.head_dim, bias=False)
+        self.v_proj = nn.Linear(g.hidden_size, g.num_key_value_heads * g.head_dim, bias=False)
+        self.o_proj = nn.Linear(g.num_attention_heads * g.head_dim, g.hidden_size, bias=False)
+        self.q_norm = nn.RMSNorm(g.head_dim, eps=g.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(g.head_dim, eps=g.rms_norm_eps)
+
+    def _heads(self, x: Tensor, num_heads: int) -> Tensor:
+        return x.view(x.shape[0], x.shape[1], num_heads, self.head_dim).transpose(1, 2)  # [b, heads, P, hd]
+
+    def forward(self, x: Tensor, context: Tensor, rope_q: tuple, rope_k: tuple, mask: AnchorAttentionMask) -> Tensor:
+        """x [b, Q, d] block slots, context [b, S, d] -> [b, Q, d]."""
+        query = self.q_norm(self._heads(self.q_proj(x), self.num_heads))  # [b, H, Q, hd]
+        keys_in = torch.cat([context, x], dim=1)  # [b, S + Q, d]: the KV injection
+        key = self.k_norm(self._heads(self.k_proj(keys_in), self.num_kv_heads))  # [b, Hkv, S + Q, hd]
+        value = self._heads(self.v_proj(keys_in), self.num_kv_heads)
+        query, key = apply_rope(query, *rope_q), apply_rope(key, *rope_k)
+        out = attend(query, key, value, mask)  # [b, H, Q, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class DFlashMLP(nn.Module):
+    def __init__(self, g: DrafterGeometry):
+        super().__init__()
+        self.gate_proj = nn.Linear(g.hidden_size, g.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(g.hidden_size, g.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(g.intermediate_size, g.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DFlashDecoderLayer(nn.Module):
+    """Its own class (not Qwen3DecoderLayer) so an FSDP wrap policy by class never wraps target layers."""
+
+    def __init__(self, g: DrafterGeometry):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(g.hidden_size, eps=g.rms_norm_eps)
+        self.self_attn = DFlashAttention(g)
+        self.post_attention_layernorm = nn.RMSNorm(g.hidden_size, eps=g.rms_norm_eps)
+        self.mlp = DFlashMLP(g)
+
+    def forward(self, x: Tensor, context: Tensor, rope_q: tuple, rope_k: tuple, mask: AnchorAttentionMask) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), context, rope_q, rope_k, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DFlashDrafter(nn.Module):
+    def __init__(self, geometry: DrafterGeometry):
+        super().__init__()
+        g = self.geometry = geometry
+        self.fc = nn.Linear(len(g.target_layer_ids) * g.hidden_size, g.hidden_size, bias=False)
+        self.hidden_norm = nn.RMSNorm(g.hidden_size, eps=g.rms_norm_eps)
+        self.layers = nn.ModuleList(DFlashDecoderLayer(g) for _ in range(g.num_layers))
+        self.norm = nn.RMSNorm(g.hidden_size, eps=g.rms_norm_eps)
+        self.rotary = RotaryEmbedding(g.head_dim, g.rope_theta)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def context_features(self, tapped_states: Tensor) -> Tensor:
+        """tapped_states [b, S, n·d] (concatenated target layer outputs) -> c [b, S, d]."""
+        return self.hidden_norm(self.fc(tapped_states.to(self.fc.weight.dtype)))
+
+    def forward(
+        self,
+        block_embeds: Tensor,
+        tapped_states: Tensor,
+        block_positions: Tensor,
+        mask: AnchorAttentionMask,
+    ) -> Tensor:
+        """block_embeds [b, Q, d] (Q = N·B slots), tapped_states [b, S, n·d], block_positions [b, Q]
+        -> final hidden h [b, Q, d] (after `norm`), ready for the target's lm_head."""
+        context = self.context_features(tapped_states)  # [b, S, d]
+        batch, seq_len = context.shape[:2]
+        context_positions = torch.arange(seq_len, device=context.device).expand(batch, seq_len)
+        rope_q = self.rotary(block_positions)
+        rope_k = self.rotary(torch.cat([context_positions, block_positions], dim=1))
+        x = block_embeds.to(self.fc.weight.dtype)
+        for layer in self.layers:
+            x = layer(x, context, rope_q, rope_k, mask)
+        return self.norm(x)
