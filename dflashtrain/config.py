@@ -42,6 +42,18 @@ class AttentionBackend(str, Enum):
     flex = "flex"
 
 
+class DPaceMode(str, Enum):
+    full = "full"
+    cumulative = "cumulative"
+    continuation = "continuation"
+
+
+class Reduction(str, Enum):
+    weighted_mean = "weighted_mean"
+    per_sequence = "per_sequence"
+    per_token = "per_token"
+
+
 class BadRowPolicy(str, Enum):
     skip = "skip"
     error = "error"
@@ -64,6 +76,7 @@ class DrafterConfig:
     intermediate_size: Optional[int] = None  # null: the target's
     attention: AttentionBackend = AttentionBackend.auto  # auto: flex on CUDA, SDPA elsewhere
     logits_chunk_blocks: int = 64  # blocks per lm_head + loss chunk (memory), per sequence
+    markov_rank: int = 0  # DSpark low-rank bigram head; 0 = none
 
 
 @dataclass
@@ -84,6 +97,45 @@ class DecayLossConfig:
     target: TargetKind = TargetKind.hard
 
     def validate(self) -> None:
+        if self.gamma is not None and self.gamma < 0:
+            raise ConfigError("loss.gamma", f"must be >= 0 or null, got {self.gamma}")
+
+
+@dataclass
+class DPaceLossConfig:
+    """D-PACE: detached confidence-derived slot weights (SPEC §4)."""
+
+    _target_: str = "dflashtrain.objectives.dpace.DPaceObjective"
+    alpha: float = 0.5
+    mode: DPaceMode = DPaceMode.full
+    reduction: Reduction = Reduction.weighted_mean
+    gamma: Optional[float] = None  # ignored under dpace; a value set here only triggers a warning
+    mask_mode: MaskMode = MaskMode.independent
+    target: TargetKind = TargetKind.hard
+
+    def validate(self) -> None:
+        if not 0.0 < self.alpha <= 1.0:
+            raise ConfigError("loss.alpha", f"must be in (0, 1], got {self.alpha}")
+        if self.gamma is not None:
+            import warnings
+
+            warnings.warn(f"loss.gamma={self.gamma} is ignored under loss=dpace (weights come from confidences)")
+
+
+@dataclass
+class VPDrafterLossConfig:
+    """D²SD variable-prefix drafter (SPEC §5)."""
+
+    _target_: str = "dflashtrain.objectives.vp.VPDrafterObjective"
+    prefix_weight_base: Optional[float] = 0.9  # P(p) ∝ base^p; null means 0.9
+    gamma: Optional[float] = 7.0  # decay from the first masked slot
+    include_anchor_only: bool = False  # allow p = 1
+    mask_mode: MaskMode = MaskMode.independent
+    target: TargetKind = TargetKind.hard
+
+    def validate(self) -> None:
+        if self.prefix_weight_base is not None and not self.prefix_weight_base > 0:
+            raise ConfigError("loss.prefix_weight_base", f"must be > 0 (or null for 0.9), got {self.prefix_weight_base}")
         if self.gamma is not None and self.gamma < 0:
             raise ConfigError("loss.gamma", f"must be >= 0 or null, got {self.gamma}")
 
@@ -109,6 +161,7 @@ class ParallelismConfig:
     strategy: str = "auto"  # auto | ddp | fsdp
     devices: Any = 1
     num_nodes: int = 1
+    sharding_strategy: str = "FULL_SHARD"  # fsdp only: FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD
 
 
 @dataclass
@@ -166,7 +219,7 @@ class TrainConfig:
     resume_from: Optional[str] = None  # a .ckpt written by a previous run
 
 
-LOSS_SCHEMAS = {"decay": DecayLossConfig}
+LOSS_SCHEMAS = {"decay": DecayLossConfig, "dpace": DPaceLossConfig, "vp_drafter": VPDrafterLossConfig}
 
 
 def register_configs() -> None:
@@ -199,6 +252,12 @@ def _asset_path(relative: str) -> str:
 def _positive(key: str, value: float, strict: bool = True) -> None:
     if value < 0 or (strict and value == 0):
         raise ConfigError(key, f"must be {'> 0' if strict else '>= 0'}, got {value}")
+
+
+def _cuda_requested(accelerator: str) -> bool:
+    import torch
+
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def validate(cfg: DictConfig) -> None:
@@ -242,6 +301,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("logger.name", f"must be tensorboard, csv or none, got {cfg.logger.name}")
     if cfg.parallelism.strategy not in ("auto", "ddp", "fsdp"):
         raise ConfigError("parallelism.strategy", f"must be auto, ddp or fsdp, got {cfg.parallelism.strategy}")
+    if cfg.parallelism.strategy == "fsdp" and not _cuda_requested(cfg.trainer.accelerator):
+        raise ConfigError("parallelism.strategy", "fsdp needs GPUs (trainer.accelerator=gpu); use single or ddp on CPU")
     OmegaConf.to_object(cfg.loss).validate()
 
 

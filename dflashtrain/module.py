@@ -128,23 +128,26 @@ class DraftModule(L.LightningModule):
         return self.trainer.world_size * numerator / (global_den + EPS)
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
-        total, counts, _ = self.forward_loss(batch, self.chunk_blocks)
+        total, counts, blocks = self.forward_loss(batch, self.chunk_blocks)
         loss = self.reduce(total, batch["input_ids"].shape[0])
         if loss is None:
             self.skipped_empty_steps += 1
             log.warning("step %d: no supervised slot in the global batch; skipped (%d so far)",
                         self.global_step, self.skipped_empty_steps)
             return None
-        self.log_step(loss, total, counts, batch)
+        self.log_step(loss, total, counts, blocks, batch)
         return loss
 
     # ------------------------------------------------------------------------------------------ logging
-    def log_step(self, loss: Tensor, total: ChunkLoss, counts, batch: Dict[str, Tensor]) -> None:
+    def log_step(self, loss: Tensor, total: ChunkLoss, counts, blocks: DraftBlocks, batch: Dict[str, Tensor]) -> None:
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         den = total.weight_sum.clamp(min=EPS)
         for name, value in total.terms.items():
             self.log(f"train/{name}", value.detach() / den, batch_size=size)
+        kept = blocks.block_keep
+        first_drafted = blocks.drafted.float().argmax(dim=-1)[kept].float()  # DFlash 1, next-token 0, VP p
+        self.log("train/first_drafted_slot", first_drafted.mean(), batch_size=size)
         metrics = summarize(counts)
         for name, value in metrics.items():
             self.log(f"train/{name}", value, prog_bar=name in ("acc", "tau_est"), batch_size=size)

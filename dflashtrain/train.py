@@ -23,6 +23,7 @@ from dflashtrain.config import ConfigError, validate, validate_against_target
 from dflashtrain.data.datamodule import ChatDataModule
 from dflashtrain.models.dflash import DFlashDrafter
 from dflashtrain.module import DraftModule, warmup_cosine
+from dflashtrain.parallelism import build_strategy
 from dflashtrain.target import (
     FrozenTarget,
     drafter_geometry,
@@ -53,15 +54,6 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> List[Any]:
     if cfg.logger.name == "csv":
         return [CSVLogger(save_dir=str(output_dir), name="csv", version="")]
     return []
-
-
-def build_strategy(cfg: DictConfig) -> Any:
-    strategy = cfg.parallelism.strategy
-    if strategy == "fsdp":
-        from dflashtrain.parallelism import fsdp_strategy
-
-        return fsdp_strategy(cfg)
-    return strategy
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
@@ -102,7 +94,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         lr_factor=warmup_cosine(cfg.trainer.max_steps, optim.warmup_ratio, optim.min_lr_ratio),
         num_anchors=cfg.data.num_anchors,
         chunk_blocks=cfg.model.drafter.logits_chunk_blocks,
-        attention=cfg.model.drafter.attention.value if hasattr(cfg.model.drafter.attention, "value") else str(cfg.model.drafter.attention),
+        attention=cfg.model.drafter.attention,
         checkpoint_metadata={
             "geometry": asdict(geometry),
             "num_target_layers": target_config.num_hidden_layers,

@@ -8,9 +8,11 @@ is the difference between the rendering of ``messages[:i]`` (with the generation
 
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Sequence
 
 ROLES = ("system", "user", "assistant", "tool")
+GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 def _ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> List[int]:
@@ -51,7 +53,7 @@ def _prefix_diff_mask(tokenizer, messages: Sequence[dict]) -> tuple[List[int], L
 
 def tokenize_chat(tokenizer, messages: Sequence[dict], max_length: int) -> Dict[str, List[int]]:
     """-> {"input_ids", "loss_mask"}, truncated to max_length."""
-    if "{% generation %}" in (tokenizer.chat_template or "") or "{%- generation %}" in (tokenizer.chat_template or ""):
+    if GENERATION_MARKER.search(tokenizer.chat_template or ""):
         input_ids, loss_mask = _marked_mask(tokenizer, messages)
     else:
         input_ids, loss_mask = _prefix_diff_mask(tokenizer, messages)

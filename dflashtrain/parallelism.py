@@ -1,0 +1,29 @@
+"""Lightning strategies for the `parallelism` group, shaped by the measured facts in FSDP_FACTS.md.
+
+The frozen target is never registered in the LightningModule, so it is outside every FSDP unit, every
+state dict and every checkpoint; each rank holds its own replicated copy. FSDP wraps each drafter layer (a
+class of its own, so a class-based policy never catches target layers) and saves full state dicts, which a
+drafter-only checkpoint can resume from.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from omegaconf import DictConfig
+
+from dflashtrain.models.dflash import DFlashDecoderLayer
+
+
+def build_strategy(cfg: DictConfig):
+    strategy = cfg.parallelism.strategy
+    if strategy == "fsdp":
+        return FSDPStrategy(
+            auto_wrap_policy={DFlashDecoderLayer},
+            sharding_strategy=cfg.parallelism.sharding_strategy,
+            state_dict_type="full",
+            use_orig_params=True,
+        )
+    if strategy == "ddp":
+        # The target is not a registered parameter, so no parameter goes unused; skip the costly search.
+        return DDPStrategy(find_unused_parameters=False)
+    return strategy
