@@ -1,12 +1,18 @@
 """Console entry points. Each is a Hydra app over the configs shipped in the package (``dflashtrain.conf``).
 
-A configuration error prints one line naming the key and exits with status 2, without a traceback.
+An error the user must fix prints one line, ``dflashtrain: error: <key>: <what is allowed>``, without a traceback:
+exit status 2 for a bad configuration (compose errors included) or a bad data row, 3 for a run stopped on a
+non-finite loss, 4 for an export whose load-back check failed. Anything else is a bug and keeps its traceback (as
+does everything with ``HYDRA_FULL_ERROR=1``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import sys
+from typing import Callable, Iterator, Optional
 
 # Nothing may come from a hub, ever: make transformers and datasets fail fast instead of reaching out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,27 +20,121 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import hydra  # noqa: E402
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from dflashtrain.config import ConfigError, register_configs  # noqa: E402
-from dflashtrain.data.datamodule import BadRowError  # noqa: E402
+from dflashtrain.config import ConfigError, register_configs, validate  # noqa: E402
+from dflashtrain.data.chat import BadRowError  # noqa: E402  (light: importing it loads no torch)
 
 register_configs()
 
 CONFIG_PATH = "pkg://dflashtrain.conf"
+CONFIG_EXIT, DIVERGED_EXIT, EXPORT_CHECK_EXIT = 2, 3, 4
 
 
-def _report(error: Exception) -> None:
-    print(f"dflashtrain: error: {error}", file=sys.stderr)
-    sys.exit(2)
+def exit_code(error: BaseException) -> Optional[int]:
+    """2 for a configuration or data error, 3 for a diverged run, None for anything else (a bug)."""
+    if isinstance(error, (ConfigError, BadRowError, ConfigCompositionException, OverrideParseException,
+                          OmegaConfBaseException)):
+        return CONFIG_EXIT
+    guards = sys.modules.get("dflashtrain.guards")  # a NonFiniteLossError exists only once training has started
+    if guards is not None and isinstance(error, guards.NonFiniteLossError):
+        return DIVERGED_EXIT
+    export = sys.modules.get("dflashtrain.export")
+    if export is not None and isinstance(error, export.ExportCheckError):
+        return EXPORT_CHECK_EXIT
+    return None
+
+
+def user_error(error: BaseException) -> Optional[BaseException]:
+    """The error itself or the first of its causes that is the user's to fix (Hydra wraps them), else None."""
+    while error is not None:
+        if exit_code(error) is not None:
+            return error
+        error = error.__cause__
+    return None
+
+
+def one_line(error: BaseException) -> str:
+    """A Hydra, OmegaConf or dflashtrain error as one line that starts with the key."""
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        return f"{group}={option}: no such option; valid: {', '.join(error.options)}"
+    cause = error.__cause__ if isinstance(error, ConfigCompositionException) else error
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        message = str(cause.msg).splitlines()[0]
+        schema = getattr(cause, "object_type", None)
+        if message.startswith("Key ") and dataclasses.is_dataclass(schema):
+            fields = ", ".join(f.name for f in dataclasses.fields(schema) if not f.name.startswith("_"))
+            message = f"unknown key; valid: {fields}"
+        return f"{cause.full_key}: {message}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines)
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """A user error raised in the block prints one line and exits 2 (3: diverged); anything else propagates."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is the user's to fix
+        reported = user_error(error)
+        if reported is None:
+            raise
+        print(f"dflashtrain: error: {one_line(reported)}", file=sys.stderr)
+        sys.exit(exit_code(reported))
+
+
+def console_entry(app: Callable[[], None]) -> Callable[[], None]:
+    """Wrap a Hydra app so that a compose error is reported as one line too (the app reports its own errors).
+
+    Hydra prints compose errors itself, over several lines; with ``HYDRA_FULL_ERROR=1`` it raises them instead.
+    """
+
+    def main() -> None:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's full tracebacks
+            return app()
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        with reported_errors():
+            app()
+
+    main.__doc__ = app.__doc__
+    return main
 
 
 @hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="train")
-def train(cfg: DictConfig) -> None:
+def _train(cfg: DictConfig) -> None:
     """`dflashtrain [overrides]`: train a drafter."""
-    from dflashtrain.train import run
+    with reported_errors():  # inside the app: Hydra would add its own line to an error that leaves it
+        validate(cfg)  # a bad value fails here, before torch and Lightning are even imported
+        from dflashtrain.train import run
 
-    try:
         run(cfg)
-    except (ConfigError, BadRowError) as error:
-        _report(error)
+
+
+train = console_entry(_train)
+
+
+@hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="eval")
+def _evaluate(cfg: DictConfig) -> None:
+    """`dflashtrain-eval [overrides]`: τ, acceptance and speedup of a trained drafter by speculative decoding."""
+    with reported_errors():
+        from dflashtrain.evaluate import run
+
+        run(cfg)
+
+
+@hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="export")
+def _export(cfg: DictConfig) -> None:
+    """`dflashtrain-export [overrides]`: a training checkpoint -> the DFlash HF directory, checked by load-back."""
+    with reported_errors():
+        from pathlib import Path
+
+        from dflashtrain.export import export, resolve_checkpoint
+
+        export(resolve_checkpoint(cfg.ckpt_path), Path(cfg.output_dir), cfg.target_path, cfg.dtype, cfg.overwrite)
+
+
+evaluate = console_entry(_evaluate)
+export = console_entry(_export)

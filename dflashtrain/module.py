@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import lightning as L
 import torch
@@ -17,9 +17,11 @@ from torch import Tensor
 
 from dflashtrain.data.blocks import DraftBlocks, make_blocks, sample_anchors
 from dflashtrain.models.dflash import DFlashDrafter
+from dflashtrain.models.heads import DSparkHeads, slot_logits, teacher_forced_prev
 from dflashtrain.models.masks import AnchorAttentionMask
 from dflashtrain.objectives.chunked import chunked_objective, teacher_logits
 from dflashtrain.objectives.core import ChunkLoss
+from dflashtrain.objectives.dspark import CONFIDENCE_LOGITS
 from dflashtrain.objectives.metrics import summarize
 from dflashtrain.target import FrozenTarget, TargetStates
 
@@ -52,9 +54,13 @@ class DraftModule(L.LightningModule):
         chunk_blocks: int,
         attention: str = "auto",
         checkpoint_metadata: Optional[Dict[str, Any]] = None,
+        heads: Optional[DSparkHeads] = None,
     ):
         super().__init__()
         self.drafter = drafter
+        self.heads = heads  # DSpark Markov/confidence heads: registered, so optimized and checkpointed
+        if heads is not None and objective.label_offset != 1:
+            raise ValueError("the DSpark heads need the next-token convention (objective.label_offset = 1)")
         self.__dict__["target"] = target  # plain attribute: never registered, never checkpointed
         self.objective = objective
         self.make_optimizer = optimizer
@@ -72,7 +78,9 @@ class DraftModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.target.to(self.device)  # the strategy has placed the module by now
-        log.info("objective %s, reduction %s", self.objective.name, self.objective.normalizer)
+        reduction = getattr(self.objective, "reduction", None)  # D-PACE names its reduction (SPEC §4)
+        log.info("objective %s, reduction %s (normalizer %s)", self.objective.name,
+                 getattr(reduction, "value", reduction) or self.objective.normalizer, self.objective.normalizer)
 
     def use_flex(self) -> bool:
         return self.attention == "flex" or (self.attention == "auto" and self.device.type == "cuda")
@@ -89,7 +97,21 @@ class DraftModule(L.LightningModule):
         return hidden.view(batch, num_blocks, block_size, -1)
 
     def logits(self, hidden: Tensor, blocks: DraftBlocks):
-        return self.target.lm_head(hidden), {}
+        """hidden [b, c, B, d] -> (logits [b, c, B, V], extras). With DSpark heads: z = lm_head(h) + W2·W1[prev]
+        (teacher-forced prev) and extras["confidence_logits"] = u [b, c, B] when the confidence head exists."""
+        if self.heads is None:
+            return self.target.lm_head(hidden), {}
+        logits, confidence = slot_logits(hidden, teacher_forced_prev(blocks), self.target.lm_head, self.heads)
+        return logits, {} if confidence is None else {CONFIDENCE_LOGITS: confidence}
+
+    def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        """The drafter's parameters and the DSpark heads' (the frozen target is never among them)."""
+        modules = [self.drafter] + ([self.heads] if self.heads is not None else [])
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+    def loss_coefficients(self, total: ChunkLoss) -> Dict[str, float]:
+        """Loss term name -> α. An objective without ``coefficients`` sums all its terms with α = 1."""
+        return getattr(self.objective, "coefficients", None) or {name: 1.0 for name in total.terms}
 
     def blocks_for(self, batch: Dict[str, Tensor]) -> DraftBlocks:
         anchors, keep = sample_anchors(batch["loss_mask"], self.num_anchors)
@@ -118,7 +140,7 @@ class DraftModule(L.LightningModule):
 
     def reduce(self, total: ChunkLoss, num_sequences: int) -> Optional[Tensor]:
         """SPEC §2.4: W · num_local / (den_global + ε), den all-reduced and detached; None if den_global = 0."""
-        numerator = sum(total.terms.values())
+        numerator = sum(alpha * total.terms[name] for name, alpha in self.loss_coefficients(total).items())
         local_den = {"weight": total.weight_sum, "tokens": total.token_sum}.get(
             self.objective.normalizer, torch.tensor(float(num_sequences), device=self.device)
         )
@@ -143,12 +165,15 @@ class DraftModule(L.LightningModule):
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         den = total.weight_sum.clamp(min=EPS)
-        for name, value in total.terms.items():
-            self.log(f"train/{name}", value.detach() / den, batch_size=size)
+        for name in self.loss_coefficients(total):  # each term un-weighted by its α: Σ w·m·ℓ / Σ w·m
+            self.log(f"train/{name}", total.terms[name].detach() / den, batch_size=size)
         kept = blocks.block_keep
         first_drafted = blocks.drafted.float().argmax(dim=-1)[kept].float()  # DFlash 1, next-token 0, VP p
-        self.log("train/first_drafted_slot", first_drafted.mean(), batch_size=size)
+        first_name = getattr(self.objective, "first_drafted_metric", "first_drafted_slot")  # VP: "prefix_len" (mean p)
+        self.log(f"train/{first_name}", first_drafted.mean(), batch_size=size)
         metrics = summarize(counts)
+        if hasattr(self.objective, "metrics"):  # objective-specific (DSpark: tau_probabilistic, confidence error)
+            metrics.update(self.objective.metrics(total, counts))
         for name, value in metrics.items():
             self.log(f"train/{name}", value, prog_bar=name in ("acc", "tau_est"), batch_size=size)
         mean_weight = total.slot_weight_sum / counts.valid.clamp(min=1)
@@ -163,13 +188,13 @@ class DraftModule(L.LightningModule):
         self._step_started = time.perf_counter()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = [p.grad.detach().float().norm() for p in self.drafter.parameters() if p.grad is not None]
+        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm())
 
     # ------------------------------------------------------------------------------------------ optim, ckpt
     def configure_optimizers(self):
-        optimizer = self.make_optimizer([p for p in self.drafter.parameters() if p.requires_grad])
+        optimizer = self.make_optimizer(self.trainable_parameters())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dflashtrain.config import ConfigError, validate, validate_against_target
 from dflashtrain.data.datamodule import ChatDataModule
+from dflashtrain.guards import NonFiniteGuard, check_checkpoint_dir, check_resume_matches
 from dflashtrain.models.dflash import DFlashDrafter
+from dflashtrain.models.heads import DSparkHeads
 from dflashtrain.module import DraftModule, warmup_cosine
 from dflashtrain.parallelism import build_strategy
 from dflashtrain.target import (
@@ -56,16 +58,34 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> List[Any]:
     return []
 
 
+def build_tau_eval(cfg: DictConfig, tokenizer) -> List[L.Callback]:
+    """val/tau by speculative decoding every eval.every_n_steps steps, on data.eval_path prompts (if any)."""
+    if cfg.eval.every_n_steps == 0 or cfg.data.eval_path is None:
+        return []
+    from dflashtrain.callbacks import TauEvalCallback
+    from dflashtrain.evaluate import read_prompts, stop_token_ids
+
+    return [TauEvalCallback(
+        prompts=read_prompts(cfg.data.eval_path, tokenizer, cfg.eval.num_prompts, cfg.data.on_bad_row),
+        stop_token_ids=stop_token_ids(tokenizer, cfg.model.target.path),
+        every_n_steps=cfg.eval.every_n_steps,
+        max_new_tokens=cfg.eval.max_new_tokens,
+    )]
+
+
 def run(cfg: DictConfig) -> Dict[str, float]:
     """Train a drafter as the config says; returns the last logged metrics."""
     validate(cfg)
     target_config = load_target_config(cfg.model.target.path)
     validate_against_target(cfg, target_config)
+    output_dir = check_output_dir(cfg.paths.output_dir)
+    checkpoint_dir = check_checkpoint_dir(output_dir / "checkpoints", cfg.resume_from)
     tokenizer = load_tokenizer(cfg.model.target.path)
     mask_token_id = resolve_mask_token_id(cfg.model.drafter.mask_token_id, tokenizer, target_config.vocab_size)
     geometry = drafter_geometry(target_config, cfg.model.drafter, mask_token_id)
+    if cfg.resume_from is not None:
+        check_resume_matches(cfg.resume_from, asdict(geometry))
     objective = instantiate(cfg.loss, _convert_="object")
-    output_dir = check_output_dir(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     block_size = cfg.model.drafter.block_size
@@ -78,11 +98,17 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         num_workers=cfg.data.num_workers,
         shuffle=cfg.data.shuffle,
         on_bad_row=cfg.data.on_bad_row,
+        pad_to_multiple_of=cfg.data.pad_to_multiple_of,
     )
     datamodule.setup("fit")  # tokenize now: bad rows fail before the target is loaded
 
     target = FrozenTarget.load(cfg.model.target.path, cfg.model.target.dtype, geometry.target_layer_ids)
     drafter = DFlashDrafter(geometry)
+    markov_rank = cfg.model.drafter.markov_rank
+    uses_confidence = bool(getattr(objective, "uses_confidence", False))
+    heads = None  # DSpark's Markov (and confidence) heads, beside the drafter
+    if markov_rank > 0:
+        heads = DSparkHeads(target_config.vocab_size, geometry.hidden_size, markov_rank, uses_confidence)
     optim = cfg.optim
     module = DraftModule(
         drafter=drafter,
@@ -95,17 +121,19 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         num_anchors=cfg.data.num_anchors,
         chunk_blocks=cfg.model.drafter.logits_chunk_blocks,
         attention=cfg.model.drafter.attention,
+        heads=heads,
         checkpoint_metadata={
             "geometry": asdict(geometry),
             "num_target_layers": target_config.num_hidden_layers,
             "target_path": os.path.abspath(cfg.model.target.path),
+            "label_offset": objective.label_offset,  # 0 DFlash convention, 1 next-token (DSpark)
+            "heads": {"markov_rank": markov_rank, "confidence_head": heads is not None and uses_confidence},
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         },
     )
     log.info("drafter: %.2fM trainable parameters, taps %s, mask token %d",
-             sum(p.numel() for p in drafter.parameters()) / 1e6, geometry.target_layer_ids, mask_token_id)
+             sum(p.numel() for p in module.trainable_parameters()) / 1e6, geometry.target_layer_ids, mask_token_id)
 
-    checkpoint_dir = output_dir / "checkpoints"
     trainer = L.Trainer(
         default_root_dir=str(output_dir),
         max_steps=cfg.trainer.max_steps,
@@ -131,7 +159,9 @@ def run(cfg: DictConfig) -> Dict[str, float]:
                 save_top_k=cfg.checkpoint.save_top_k,
                 monitor="step",
                 mode="max",
-            )
+            ),
+            NonFiniteGuard(checkpoint_dir),  # stops on a NaN/inf loss or gradient before it reaches the weights
+            *build_tau_eval(cfg, tokenizer),
         ],
         num_sanity_val_steps=0,
         enable_model_summary=False,
@@ -139,5 +169,6 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("finished at step %d: %s", trainer.global_step,
-             ", ".join(f"{k}={metrics[k]:.4f}" for k in ("train/loss", "train/acc", "train/tau_est") if k in metrics))
+             ", ".join(f"{k}={metrics[k]:.4f}" for k in ("train/loss", "train/acc", "train/tau_est", "val/tau")
+                       if k in metrics))
     return metrics

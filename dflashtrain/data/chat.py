@@ -9,7 +9,8 @@ is the difference between the rendering of ``messages[:i]`` (with the generation
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 ROLES = ("system", "user", "assistant", "tool")
 GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -51,8 +52,8 @@ def _prefix_diff_mask(tokenizer, messages: Sequence[dict]) -> tuple[List[int], L
     return input_ids, loss_mask
 
 
-def tokenize_chat(tokenizer, messages: Sequence[dict], max_length: int) -> Dict[str, List[int]]:
-    """-> {"input_ids", "loss_mask"}, truncated to max_length."""
+def tokenize_chat(tokenizer, messages: Sequence[dict], max_length: Optional[int] = None) -> Dict[str, List[int]]:
+    """-> {"input_ids", "loss_mask"}, truncated to max_length (None: the whole conversation)."""
     if GENERATION_MARKER.search(tokenizer.chat_template or ""):
         input_ids, loss_mask = _marked_mask(tokenizer, messages)
     else:
@@ -60,21 +61,36 @@ def tokenize_chat(tokenizer, messages: Sequence[dict], max_length: int) -> Dict[
     return {"input_ids": input_ids[:max_length], "loss_mask": loss_mask[:max_length]}
 
 
-def row_problem(row: object) -> str | None:
-    """Why a parsed JSONL row is not a usable chat, or None. Reasons are short and stable (they are counted)."""
-    if not isinstance(row, dict) or "messages" not in row:
-        return "missing messages"
-    messages = row["messages"]
+class BadRowError(ValueError):
+    """A data row that cannot be used, named by file and line (``data.on_bad_row=error``)."""
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """Why a row is unusable: ``reason`` is short and stable (it is counted), ``detail`` says where and what."""
+
+    reason: str
+    detail: str
+
+
+def row_problem(row: object) -> Optional[RowProblem]:
+    """Why a parsed JSONL row is not a usable chat, or None."""
+    if not isinstance(row, dict):
+        return RowProblem("not a JSON object", f"the line holds a JSON {type(row).__name__}, not an object")
+    messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
-        return "missing messages"
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            return "unknown role"
+        return RowProblem("missing messages", "no non-empty `messages` list")
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            return RowProblem("unknown role", f"message {i} has role {role!r}; allowed: {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
-            return "non-string content"
-    assistant = [m for m in messages if m["role"] == "assistant"]
+            kind = type(message.get("content")).__name__
+            return RowProblem("non-string content", f"message {i} ({role}) has {kind} content, not a string")
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistant:
-        return "no assistant turn"
-    if any(not m["content"].strip() for m in assistant):
-        return "empty assistant turn"
+        return RowProblem("no assistant turn", "no message has role 'assistant': nothing to supervise")
+    empty = [i for i in assistant if not messages[i]["content"].strip()]
+    if empty:
+        return RowProblem("empty assistant turn", f"assistant message {empty[0]} has empty content")
     return None

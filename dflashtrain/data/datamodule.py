@@ -1,7 +1,17 @@
 """Chat JSONL -> tokenized ``datasets.Dataset`` -> padded batches.
 
-Rows are read with their line numbers so that a bad row is named (``file:line``) or skipped and counted, as
-``data.on_bad_row`` says; a preprocessing summary (kept rows, dropped rows per reason) is logged once.
+Every row is checked while preprocessing, before training starts, so a bad row can never stop a run mid-epoch.
+A row is bad when its line is not UTF-8 or not JSON, is not an object, has no ``messages`` list, has a message
+with an unknown role or non-string content, has no assistant turn or an empty one, cannot be rendered by the chat
+template, or is *over max_length*: longer than ``data.max_length`` tokens so that, cut to ``max_length``, fewer
+than 2·B supervised tokens remain. ``data.on_bad_row=error`` stops at the first bad row, naming ``file:line``;
+``skip`` drops it and counts it by reason.
+
+Two cases are not bad rows and are handled the same under both policies: a row longer than ``max_length`` that
+keeps at least 2·B supervised tokens is truncated and kept (counted as *truncated*), and a row with fewer than
+2·B supervised tokens in full is dropped and counted (SPEC §2 step 1). The per-reason summary (with the first line
+of each reason) is logged once, at warning level when rows were dropped so it reaches the terminal even where
+logging is not configured. Each kept row carries ``row`` = its 1-based line number, the batch's ``sample_ids``.
 """
 
 from __future__ import annotations
@@ -9,8 +19,8 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import lightning as L
 import torch
@@ -19,52 +29,128 @@ from torch.utils.data import DataLoader
 
 from dflashtrain.config import BadRowPolicy
 from dflashtrain.data.blocks import anchor_candidates
-from dflashtrain.data.chat import row_problem, tokenize_chat
+from dflashtrain.data.chat import BadRowError, RowProblem, row_problem, tokenize_chat
+
+__all__ = ["BadRowError", "ChatCollator", "ChatDataModule", "DataSummary", "read_chat_rows", "tokenize_rows"]
 
 log = logging.getLogger(__name__)
 
-
-class BadRowError(ValueError):
-    """A data row that cannot be used, named by file and line."""
+TOO_FEW_SUPERVISED = "fewer than 2B supervised tokens"  # dropped under either policy (SPEC §2 step 1)
 
 
-def read_chat_rows(path: str, policy: BadRowPolicy, skipped: Counter) -> List[dict]:
-    """Parse a chat JSONL file; each kept row gets ``row`` = its 1-based line number."""
+@dataclass
+class DataSummary:
+    """What preprocessing did with a file: rows read, kept, truncated, and dropped per reason (first line each)."""
+
+    path: str
+    max_length: int
+    rows: int = 0  # non-blank lines
+    kept: int = 0
+    truncated: int = 0  # kept rows cut to max_length
+    dropped: Counter = field(default_factory=Counter)  # reason -> rows
+    first_line: Dict[str, int] = field(default_factory=dict)  # reason -> first line number
+
+    def drop(self, reason: str, line: int) -> None:
+        self.dropped[reason] += 1
+        self.first_line.setdefault(reason, line)
+
+    def __str__(self) -> str:
+        text = f"data {self.path}: {self.rows} rows, {self.kept} kept"
+        if self.truncated:
+            text += f" ({self.truncated} truncated to data.max_length={self.max_length})"
+        if self.dropped:
+            reasons = ", ".join(f"{reason} {count} (first at line {self.first_line[reason]})"
+                                for reason, count in sorted(self.dropped.items()))
+            text += f", {sum(self.dropped.values())} dropped: {reasons}"
+        return text
+
+
+def _bad_row(path: str, line: int, problem: RowProblem, policy: BadRowPolicy, summary: DataSummary) -> None:
+    """Count the row (skip) or stop naming it (error)."""
+    if policy == BadRowPolicy.error:
+        raise BadRowError(f"{path}:{line}: {problem.reason}: {problem.detail} (data.on_bad_row=skip skips such rows)")
+    summary.drop(problem.reason, line)
+
+
+def _parse_line(raw: bytes) -> tuple[Optional[dict], Optional[RowProblem]]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return None, RowProblem("invalid UTF-8", f"byte {error.start} cannot be decoded")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as error:
+        return None, RowProblem("invalid JSON", f"{error.msg} at column {error.colno}")
+    return row, row_problem(row)
+
+
+def read_chat_rows(path: str, policy: BadRowPolicy, summary: DataSummary) -> List[dict]:
+    """Parse a chat JSONL file -> [{"row": line number, "messages": the messages as JSON text}] of usable rows.
+
+    Blank lines are ignored. Messages are kept as JSON text so rows with differently shaped extra fields never meet
+    in one Arrow schema.
+    """
+    policy = BadRowPolicy(policy)
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
+    with open(path, "rb") as handle:
+        for line, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
-            try:
-                row = json.loads(line)
-                problem = row_problem(row)
-            except json.JSONDecodeError:
-                problem = "invalid JSON"
+            summary.rows += 1
+            row, problem = _parse_line(raw)
             if problem is not None:
-                if BadRowPolicy(policy) == BadRowPolicy.error:
-                    raise BadRowError(f"{path}:{line_no}: {problem} (set data.on_bad_row=skip to skip such rows)")
-                skipped[problem] += 1
+                _bad_row(path, line, problem, policy, summary)
                 continue
-            rows.append({"messages": row["messages"], "row": line_no})
+            rows.append({"row": line, "messages": json.dumps(row["messages"], ensure_ascii=False)})
     return rows
 
 
-def tokenize_rows(rows: List[dict], tokenizer, max_length: int, min_supervised: int, skipped: Counter) -> Dataset:
-    """Tokenize with the chat template; drop rows with fewer than ``min_supervised`` supervised tokens."""
+def _encode(messages_json: str, tokenizer, max_length: int, min_supervised: int) -> Dict:
+    """One row -> input_ids, loss_mask (cut to max_length), truncated, and the problem ("" if none) with detail."""
+    out = {"input_ids": [], "loss_mask": [], "truncated": False, "problem": "", "detail": ""}
+    try:
+        full = tokenize_chat(tokenizer, json.loads(messages_json))
+    except Exception as error:  # noqa: BLE001 - any template failure on one row is that row's problem, reported
+        out.update(problem="chat template error", detail=f"{type(error).__name__}: {error}".replace("\n", " "))
+        return out
+    input_ids, loss_mask = full["input_ids"][:max_length], full["loss_mask"][:max_length]
+    out.update(input_ids=input_ids, loss_mask=loss_mask, truncated=len(full["input_ids"]) > max_length)
+    supervised = sum(loss_mask)
+    has_anchor = len(loss_mask) > 1 and bool(anchor_candidates(torch.tensor([loss_mask])).any())
+    if supervised >= min_supervised and has_anchor:
+        return out
+    if out["truncated"] and sum(full["loss_mask"]) >= min_supervised:
+        out.update(problem="over max_length", detail=(
+            f"{len(full['input_ids'])} tokens; cut to data.max_length={max_length}, {supervised} supervised tokens "
+            f"remain, fewer than 2·B = {min_supervised}"))
+    else:
+        out.update(problem=TOO_FEW_SUPERVISED,
+                   detail=f"{supervised} supervised tokens, fewer than 2·B = {min_supervised}")
+    return out
 
-    def encode(example):
-        encoded = tokenize_chat(tokenizer, example["messages"], max_length)
-        mask = torch.tensor(encoded["loss_mask"])
-        encoded["num_supervised"] = int(mask.sum())
-        encoded["num_anchors"] = int(anchor_candidates(mask.unsqueeze(0)).sum()) if len(mask) > 1 else 0
-        return encoded
 
-    dataset = Dataset.from_list(rows).map(encode, remove_columns=["messages"], desc="tokenizing")
-    enough = [n >= min_supervised and a > 0 for n, a in zip(dataset["num_supervised"], dataset["num_anchors"])]
-    dropped = len(enough) - sum(enough)
-    if dropped:
-        skipped[f"fewer than {min_supervised} supervised tokens"] += dropped
-    return dataset.select([i for i, ok in enumerate(enough) if ok])
+def tokenize_rows(rows: List[dict], tokenizer, max_length: int, min_supervised: int, policy: BadRowPolicy,
+                  summary: DataSummary) -> Dataset:
+    """Tokenize with the chat template; bad rows per ``policy``; rows with < ``min_supervised`` tokens dropped."""
+    policy = BadRowPolicy(policy)
+    if not rows:
+        return Dataset.from_dict({"row": [], "input_ids": [], "loss_mask": []})
+    encoded = Dataset.from_list(rows).map(
+        lambda example: _encode(example["messages"], tokenizer, max_length, min_supervised),
+        remove_columns=["messages"], desc="tokenizing",
+    )
+    keep = []
+    for i, (line, problem, detail) in enumerate(zip(encoded["row"], encoded["problem"], encoded["detail"])):
+        if not problem:
+            keep.append(i)
+        elif problem == TOO_FEW_SUPERVISED:
+            summary.drop(problem, line)
+        else:
+            _bad_row(summary.path, line, RowProblem(problem, detail), policy, summary)
+    kept = encoded.select(keep)
+    summary.kept = len(kept)
+    summary.truncated = sum(kept["truncated"]) if len(kept) else 0
+    return kept.remove_columns(["truncated", "problem", "detail"])
 
 
 @dataclass
@@ -72,9 +158,11 @@ class ChatCollator:
     """Right-pads a list of rows to the longest; pad positions have loss_mask 0 and attention_mask 0."""
 
     pad_token_id: int
+    pad_to_multiple_of: int = 1  # fewer distinct shapes for compiled kernels
 
     def __call__(self, rows: List[Dict]) -> Dict[str, torch.Tensor]:
-        length = max(len(r["input_ids"]) for r in rows)
+        longest = max(len(r["input_ids"]) for r in rows)
+        length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {
             "input_ids": torch.full((len(rows), length), self.pad_token_id, dtype=torch.long),
             "loss_mask": torch.zeros(len(rows), length, dtype=torch.long),
@@ -100,6 +188,7 @@ class ChatDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         on_bad_row: BadRowPolicy = BadRowPolicy.error,
+        pad_to_multiple_of: int = 1,
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -110,18 +199,20 @@ class ChatDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle = shuffle
         self.on_bad_row = BadRowPolicy(on_bad_row)
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.train_set: Dataset | None = None
-        self.skipped: Counter = Counter()
+        self.summary = DataSummary(path=str(path), max_length=max_length)
 
     def setup(self, stage: str | None = None) -> None:
+        """Read, check and tokenize every row now: nothing about the data can fail once training has started."""
         if self.train_set is not None:
             return
-        rows = read_chat_rows(self.path, self.on_bad_row, self.skipped)
-        self.train_set = tokenize_rows(rows, self.tokenizer, self.max_length, self.min_supervised_tokens, self.skipped)
-        summary = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items())) or "none"
-        log.info("data %s: %d rows kept; dropped: %s", self.path, len(self.train_set), summary)
+        rows = read_chat_rows(self.path, self.on_bad_row, self.summary)
+        self.train_set = tokenize_rows(rows, self.tokenizer, self.max_length, self.min_supervised_tokens,
+                                       self.on_bad_row, self.summary)
+        log.log(logging.WARNING if self.summary.dropped else logging.INFO, "%s", self.summary)
         if len(self.train_set) == 0:
-            raise BadRowError(f"{self.path}: no usable rows (dropped: {summary})")
+            raise BadRowError(f"{self.path}: no usable rows ({self.summary})")
 
     def train_dataloader(self) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -130,6 +221,6 @@ class ChatDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=self.shuffle,
             num_workers=self.num_workers,
-            collate_fn=ChatCollator(pad),
+            collate_fn=ChatCollator(pad, self.pad_to_multiple_of),
             drop_last=False,
         )

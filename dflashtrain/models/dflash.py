@@ -12,7 +12,7 @@ Parameter names are the ones serving engines load (``fc.weight``, ``layers.{i}.s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,24 @@ class DFlashAttention(nn.Module):
         out = attend(query, key, value, mask)  # [b, H, Q, hd]
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
+    def context_kv(self, context: Tensor, rope: tuple) -> tuple[Tensor, Tensor]:
+        """Inference: keys/values of context features, ready to cache. context [b, T, d] -> 2 × [b, Hkv, T, hd]."""
+        key = apply_rope(self.k_norm(self._heads(self.k_proj(context), self.num_kv_heads)), *rope)
+        return key, self._heads(self.v_proj(context), self.num_kv_heads)
+
+    def forward_cached(self, x: Tensor, context_key: Tensor, context_value: Tensor, rope_q: tuple) -> Tensor:
+        """Inference for one block: x [b, B, d] attends to every cached context key and to its whole block.
+
+        The same KV injection as :meth:`forward`, with the context K/V precomputed: keys [K(c) ; K(x)]. The cache
+        holds exactly the positions before the anchor, so no mask is needed (the rule t < a holds by construction).
+        """
+        query = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)), *rope_q)  # [b, H, B, hd]
+        block_key, block_value = self.context_kv(x, rope_q)  # the block's own keys, same RoPE positions as q
+        key = torch.cat([context_key, block_key], dim=2)  # [b, Hkv, T + B, hd]
+        value = torch.cat([context_value, block_value], dim=2)
+        out = F.scaled_dot_product_attention(query, key, value, enable_gqa=query.shape[1] != key.shape[1])
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
 
 class DFlashMLP(nn.Module):
     def __init__(self, g: DrafterGeometry):
@@ -110,6 +128,10 @@ class DFlashDecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, rope_q: tuple, rope_k: tuple, mask: AnchorAttentionMask) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), context, rope_q, rope_k, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cached(self, x: Tensor, context_key: Tensor, context_value: Tensor, rope_q: tuple) -> Tensor:
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), context_key, context_value, rope_q)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -153,3 +175,62 @@ class DFlashDrafter(nn.Module):
         for layer in self.layers:
             x = layer(x, context, rope_q, rope_k, mask)
         return self.norm(x)
+
+    # ------------------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def extend_context(self, cache: "ContextCache", tapped_states: Tensor) -> None:
+        """Append committed tokens to the drafter's context cache.
+
+        tapped_states [b, T_new, n·d]: target features of the next T_new committed positions (cache.length ...).
+        Per layer, K(c)/V(c) are computed once (k_proj, k_norm, RoPE at their absolute positions) and cached.
+        """
+        context = self.context_features(tapped_states)  # [b, T_new, d]
+        batch, new = context.shape[:2]
+        positions = torch.arange(cache.length, cache.length + new, device=context.device).expand(batch, new)
+        rope = self.rotary(positions)
+        for index, layer in enumerate(self.layers):
+            cache.append(index, *layer.self_attn.context_kv(context, rope))
+        cache.length += new
+
+    @torch.no_grad()
+    def draft_cached(self, block_embeds: Tensor, block_positions: Tensor, cache: "ContextCache") -> Tensor:
+        """One block at inference: block_embeds [b, B, d] at block_positions [b, B] (anchor first), attending to
+        every cached context position (all strictly before the anchor) -> final hidden h [b, B, d].
+
+        Equal to :meth:`forward` for one kept block whose anchor is ``cache.length``.
+        """
+        if cache.length == 0 or int(block_positions[0, 0]) != cache.length:
+            raise ValueError(f"block at {int(block_positions[0, 0])} needs the context before it; cache: {cache.length}")
+        rope_q = self.rotary(block_positions)
+        x = block_embeds.to(self.fc.weight.dtype)
+        for index, layer in enumerate(self.layers):
+            x = layer.forward_cached(x, cache.keys[index], cache.values[index], rope_q)
+        return self.norm(x)
+
+
+class ContextCache:
+    """The drafter's per-layer context K/V for committed tokens (positions 0 .. length−1), at inference.
+
+    Only verified tokens' features are ever appended (the block's own K/V are never stored), so after a round the
+    cache holds exactly the context strictly before the next anchor. :meth:`crop` rolls it back.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: List[Optional[Tensor]] = [None] * num_layers  # each [b, Hkv, length, hd]
+        self.values: List[Optional[Tensor]] = [None] * num_layers
+        self.length = 0
+
+    def append(self, layer: int, key: Tensor, value: Tensor) -> None:
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = key, value
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], key], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], value], dim=2)
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` positions."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a context cache of {self.length} positions to {length}")
+        self.keys = [k[:, :, :length] for k in self.keys]
+        self.values = [v[:, :, :length] for v in self.values]
+        self.length = length

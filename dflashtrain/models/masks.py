@@ -68,8 +68,10 @@ class AnchorAttentionMask:
             from torch.nn.attention.flex_attention import create_block_mask
 
             mask_mod = anchor_mask_mod(anchor_positions, block_keep, seq_len, block_size)
+            # _compile builds the block mask tile by tile; uncompiled it would first materialize the dense mask.
             block_mask = create_block_mask(
-                mask_mod, batch, None, num_queries, seq_len + num_queries, device=anchor_positions.device
+                mask_mod, batch, None, num_queries, seq_len + num_queries, device=anchor_positions.device,
+                _compile=anchor_positions.is_cuda,
             )
             return cls(query_keep=query_keep.float(), block_mask=block_mask)
         # A dummy block's query row would be all False, and SDPA turns an empty row into NaN (also in the
@@ -91,7 +93,9 @@ def _flex() -> Callable:
         from torch.nn.attention.flex_attention import flex_attention
 
         # Compiled flex attention is the fast path on CUDA; eager is a slow reference (forward only on CPU).
-        _compiled_flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+        # Sequence lengths vary by batch (padded to a multiple of data.pad_to_multiple_of), so let the compiler
+        # mark shapes dynamic after the first change instead of recompiling per length.
+        _compiled_flex = torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
     return _compiled_flex
 
 

@@ -69,7 +69,7 @@ def cumulative_mask(valid: Tensor, drafted: Tensor) -> Tensor:
     Slots that are not drafted (the anchor slot, a visible prefix) pass through the product. [..., B] bool.
     """
     passes = torch.where(drafted, valid, torch.ones_like(valid))
-    return passes.long().cumprod(dim=-1).bool() & valid
+    return passes.long().cumprod(dim=-1).bool() & valid & drafted
 
 
 def supervision_mask(valid: Tensor, drafted: Tensor, mode: MaskMode) -> Tensor:

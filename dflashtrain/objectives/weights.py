@@ -29,3 +29,33 @@ def first_drafted_offsets(drafted: Tensor) -> Tensor:
     slots = torch.arange(drafted.shape[-1], device=drafted.device)
     first = torch.where(drafted, slots, drafted.shape[-1]).amin(dim=-1, keepdim=True)  # [..., 1]
     return slots - first
+
+
+def dpace_raw_weights(confidence: Tensor, valid: Tensor, alpha: float, mode: str = "full") -> Tensor:
+    """D-PACE slot weights before re-masking (SPEC §4), per block along the last dim; never crosses blocks.
+
+        q̃_j = α + (1 − α)·q_j on valid slots, 1 elsewhere (anchor, out of range, loss_mask 0, dummy block)
+        C_j = Π_{i≤j} q̃_i                      (cumulative confidence)
+        full:         w_j = Σ_{m≥j} C_m·valid_m  (= ∂/∂log q̃_j of Σ_m C_m·valid_m)
+        cumulative:   w_j = C_j
+        continuation: w_j = Σ_{m≥j} C_m·valid_m / max(C_j, tiny)
+
+    confidence q [..., B] (probability of the label, any dtype; detached here), valid [..., B] bool -> [..., B]
+    fp32 without grad. The value at an invalid slot is not zero: :func:`dpace_weights` multiplies by valid.
+    """
+    with torch.no_grad():
+        q_tilde = torch.where(valid, alpha + (1.0 - alpha) * confidence.detach().float(), 1.0)  # [..., B]
+        conf_cum = q_tilde.cumprod(dim=-1)  # C [..., B]
+        if mode == "cumulative":
+            return conf_cum
+        suffix = (conf_cum * valid).flip(-1).cumsum(dim=-1).flip(-1)  # Σ_{m≥j} C_m·valid_m [..., B]
+        if mode == "full":
+            return suffix
+        if mode == "continuation":
+            return suffix / conf_cum.clamp(min=torch.finfo(torch.float32).tiny)
+    raise ValueError(f"unknown D-PACE mode {mode!r}; valid: ['full', 'cumulative', 'continuation']")
+
+
+def dpace_weights(confidence: Tensor, valid: Tensor, alpha: float, mode: str = "full") -> Tensor:
+    """D-PACE weights re-masked by validity: ``dpace_raw_weights(...) · valid``. [..., B] fp32, no grad."""
+    return dpace_raw_weights(confidence, valid, alpha, mode) * valid

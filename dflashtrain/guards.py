@@ -1,0 +1,140 @@
+"""Reliability guards: a run stops cleanly, keeps its good checkpoints, and never touches another run's outputs.
+
+* :class:`NonFiniteGuard` (a Lightning callback) checks the loss before ``backward`` and the gradients before the
+  optimizer step. On a non-finite value it saves the weights as they are (still those of the last good step: the
+  bad step never reached the optimizer) to ``checkpoints/last-good-step{global_step:07d}.ckpt`` and raises
+  :class:`NonFiniteLossError`, naming the step and the batch's ``sample_ids`` (JSONL line numbers).
+* :func:`check_checkpoint_dir` refuses to start a new run in an output directory that already holds checkpoints
+  of another run (only a run resumed from one of them may continue there).
+* :func:`check_resume_matches` compares a ``resume_from`` checkpoint's drafter geometry with the config's before
+  any weight is loaded.
+
+Every decision that stops training is reduced over ranks, so all ranks stop at the same step (no rank is left
+waiting in a collective).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from dflashtrain.config import ConfigError
+
+LAST_GOOD = "last-good-step{step:07d}"  # global_step = optimizer steps already applied to the saved weights
+
+# Where each drafter-geometry field comes from, for a resume mismatch message.
+GEOMETRY_SOURCES = {
+    "block_size": "model.drafter.block_size",
+    "num_layers": "model.drafter.num_layers",
+    "target_layer_ids": "model.drafter.target_layer_ids / num_taps",
+    "mask_token_id": "model.drafter.mask_token_id",
+    "intermediate_size": "model.drafter.intermediate_size",
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient; the message names the step, samples and checkpoint."""
+
+
+def unused_path(path: Path) -> Path:
+    """``path``, or ``stem-v1``, ``stem-v2``, … if it exists: a checkpoint is never overwritten."""
+    version = 0
+    candidate = path
+    while candidate.exists():
+        version += 1
+        candidate = path.with_name(f"{path.stem}-v{version}{path.suffix}")
+    return candidate
+
+
+class NonFiniteGuard(Callback):
+    """Stop on a non-finite loss (before backward) or gradient (before the optimizer step), keeping good weights.
+
+    The gradient check is off under a GradScaler (``16-mixed``): the scaler itself skips steps with inf gradients.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.batch_ids: List[int] = []  # sample ids of the current micro-batch
+        self.step_ids: List[int] = []  # sample ids of every micro-batch since the last optimizer step
+        self.step_of_ids = -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
+        ids = batch["sample_ids"].tolist() if isinstance(batch, dict) and "sample_ids" in batch else []
+        if trainer.global_step != self.step_of_ids:  # a new optimizer step (accumulation window) begins
+            self.step_ids, self.step_of_ids = [], trainer.global_step
+        self.batch_ids = ids
+        self.step_ids += ids
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        value = loss.detach().float()
+        local_bad = not bool(torch.isfinite(value).all())
+        if trainer.strategy.reduce_boolean_decision(local_bad, all=False):
+            what = f"loss {value.item()}" if local_bad else "loss on another rank"
+            self.stop(trainer, what, self.batch_ids if local_bad else [])
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+        local_bad = not math.isfinite(norm)
+        if trainer.strategy.reduce_boolean_decision(local_bad, all=False):
+            what = f"gradient (norm {norm})" if local_bad else "gradient on another rank"
+            self.stop(trainer, what, self.step_ids if local_bad else [])
+
+    def stop(self, trainer: L.Trainer, what: str, sample_ids: List[int]) -> None:
+        """Save the untouched weights, then raise. Called on every rank (saving is collective)."""
+        path = unused_path(self.checkpoint_dir / f"{LAST_GOOD.format(step=trainer.global_step)}.ckpt")
+        trainer.save_checkpoint(str(path))
+        ids = f"sample ids {sample_ids} (JSONL line numbers)" if sample_ids else "sample ids on the reporting rank"
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {trainer.global_step}, {ids}; stopped before the optimizer step, "
+            f"the weights this step started from are in {path}"
+        )
+
+
+def check_checkpoint_dir(checkpoint_dir: Path, resume_from: Optional[str]) -> Path:
+    """Create ``checkpoint_dir``; refuse one that holds checkpoints unless resuming from one of them.
+
+    Lightning's ModelCheckpoint would not delete another run's files, but it would write ``last-v1.ckpt`` beside
+    them, so ``last.ckpt`` would silently keep meaning the other run.
+    """
+    existing = sorted(p.name for p in checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
+    continuing = resume_from is not None and Path(resume_from).resolve().parent == checkpoint_dir.resolve()
+    if existing and not continuing:
+        shown = ", ".join(existing[:3]) + (", …" if len(existing) > 3 else "")
+        raise ConfigError(
+            "paths.output_dir",
+            f"{checkpoint_dir} already holds checkpoints of another run ({shown}); a new run never writes beside "
+            f"them: choose a new paths.output_dir, or continue that run with resume_from={checkpoint_dir}/<name>.ckpt",
+        )
+    try:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("paths.output_dir", f"cannot create {checkpoint_dir}: {error.strerror or error}") from None
+    return checkpoint_dir
+
+
+def check_resume_matches(resume_from: str, geometry: Dict[str, Any]) -> None:
+    """The checkpoint's drafter geometry must equal the config's (read memory-mapped: no weights are loaded)."""
+    try:
+        checkpoint = torch.load(resume_from, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ConfigError("resume_from", f"cannot read {resume_from} as a checkpoint: {error}") from None
+    saved = (checkpoint.get("dflashtrain") or {}).get("geometry") if isinstance(checkpoint, dict) else None
+    if saved is None:
+        raise ConfigError("resume_from", f"{resume_from} holds no dflashtrain metadata: not written by dflashtrain")
+    for name, value in saved.items():
+        if name in geometry and geometry[name] != value:
+            source = GEOMETRY_SOURCES.get(name, "the target (model.target.path)")
+            raise ConfigError(
+                "resume_from",
+                f"{resume_from} holds a drafter with {name}={value}, this config gives {geometry[name]} "
+                f"(from {source}); resume with the config the checkpoint was trained with",
+            )

@@ -1,0 +1,232 @@
+"""Export to the DFlash HF directory (SPEC §1.1) and the checkpoint loaders behind `dflashtrain-eval`/`-export`:
+exact names and config fields, exact load-back, refusal on a mismatch, ``ckpt_path=latest``, and both CLIs end to
+end on a checkpoint written like a training run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import Qwen3Config
+
+import dflashtrain.export as export_module
+from dflashtrain.config import ConfigError
+from dflashtrain.export import (
+    ExportCheckError,
+    export,
+    load_checkpoint,
+    load_exported,
+    reference_output,
+    resolve_checkpoint,
+)
+from dflashtrain.models.dflash import DFlashDrafter, DrafterGeometry
+
+# SPEC §1 names for a 2-layer drafter, written out.
+LAYER_NAMES = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+               "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+               "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+               "mlp.down_proj.weight"]
+SPEC_NAMES = {"fc.weight", "hidden_norm.weight", "norm.weight"} | {f"layers.{i}.{n}" for i in (0, 1) for n in LAYER_NAMES}
+
+
+def target_config(**overrides) -> Qwen3Config:
+    fields = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+                  eos_token_id=345, pad_token_id=343, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    return Qwen3Config(**{**fields, **overrides})
+
+
+def write_checkpoint(path, target_dir, num_target_layers=4, seed=0, **meta_overrides):
+    """A checkpoint shaped like a training run's: drafter.* state dict + the dflashtrain metadata."""
+    torch.manual_seed(seed)
+    geometry = DrafterGeometry(hidden_size=64, intermediate_size=96, num_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=5e5,
+                               target_layer_ids=[0, 2], block_size=4, mask_token_id=347)
+    drafter = DFlashDrafter(geometry)
+    with torch.no_grad():  # norms away from 1, so a mix-up of norm weights would show
+        for name, tensor in drafter.named_parameters():
+            if name.endswith("norm.weight"):
+                tensor.uniform_(0.5, 1.5)
+    meta = {"geometry": asdict(geometry), "num_target_layers": num_target_layers, "target_path": str(target_dir),
+            "label_offset": 0, "config": {}, **meta_overrides}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"drafter.{k}": v for k, v in drafter.state_dict().items()},
+                "dflashtrain": meta, "global_step": 7}, path)
+    return path
+
+
+@pytest.fixture
+def target_dir(tmp_path):
+    path = tmp_path / "target"
+    target_config().save_pretrained(path)  # config.json only: export reads vocab_size and max positions
+    return path
+
+
+@pytest.fixture
+def checkpoint(tmp_path, target_dir):
+    return write_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", target_dir)
+
+
+def test_export_writes_the_spec_format_and_loads_back_exactly(tmp_path, checkpoint):
+    out = export(checkpoint, tmp_path / "drafter", None, "float32", overwrite=False)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert not (tmp_path / "drafter.incomplete").exists()
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert set(weights.keys()) == SPEC_NAMES  # exactly: no embed_tokens, no lm_head, no prefix
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"] and config["model_type"] == "qwen3"
+    assert config["dflash_config"] == {"target_layer_ids": [0, 2], "mask_token_id": 347}
+    assert (config["block_size"], config["num_target_layers"], config["num_hidden_layers"]) == (4, 4, 2)
+    assert (config["vocab_size"], config["max_position_embeddings"], config["hidden_size"]) == (384, 256, 64)
+    assert config["tie_word_embeddings"] is False and config["intermediate_size"] == 96
+    assert config["rope_theta"] == 5e5 and config["rope_parameters"]["rope_theta"] == 5e5
+    hf = Qwen3Config.from_pretrained(out)  # a Qwen3 config transformers reads, with the drafter's depth
+    assert hf.num_hidden_layers == 2 and hf.head_dim == 16 and hf.tie_word_embeddings is False
+
+    original, _ = load_checkpoint(checkpoint)
+    loaded, _ = load_exported(out)
+    assert asdict(loaded.geometry) == asdict(original.geometry)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert torch.equal(reference_output(loaded), reference_output(original))
+
+
+def test_bfloat16_export_matches_the_checkpoint_cast_to_bfloat16(tmp_path, checkpoint):
+    out = export(checkpoint, tmp_path / "bf16", None, "bfloat16", overwrite=False)
+    loaded, config = load_exported(out)
+    assert config["dtype"] == "bfloat16" and loaded.fc.weight.dtype == torch.bfloat16
+    original, _ = load_checkpoint(checkpoint)
+    assert torch.equal(loaded.fc.weight, original.fc.weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("field,value", [("mask_token_id", 0), ("target_layer_ids", [1, 2])])
+def test_export_refuses_a_wrong_dflash_config_and_leaves_nothing(tmp_path, checkpoint, monkeypatch, field, value):
+    real = export_module.hf_config
+
+    def wrong_config(*args, **kwargs):
+        config = real(*args, **kwargs)
+        config["dflash_config"][field] = value
+        return config
+
+    monkeypatch.setattr(export_module, "hf_config", wrong_config)
+    with pytest.raises(ExportCheckError, match=f"dflash_config.{field}"):
+        export(checkpoint, tmp_path / "drafter", None, "float32", overwrite=False)
+    assert not (tmp_path / "drafter").exists() and not (tmp_path / "drafter.incomplete").exists()
+
+
+def test_export_refuses_when_a_tensor_does_not_survive(tmp_path, checkpoint, monkeypatch):
+    real = export_module.save_file
+
+    def corrupting_save(tensors, path, metadata=None):
+        tensors = dict(tensors, **{"layers.1.mlp.up_proj.weight": tensors["layers.1.mlp.up_proj.weight"] * 1.001})
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(export_module, "save_file", corrupting_save)
+    with pytest.raises(ExportCheckError, match="layers.1.mlp.up_proj.weight"):
+        export(checkpoint, tmp_path / "drafter", None, "float32", overwrite=False)
+    assert not (tmp_path / "drafter").exists() and not (tmp_path / "drafter.incomplete").exists()
+
+
+def test_export_refuses_a_bit_different_output(tmp_path, checkpoint, monkeypatch):
+    real = export_module.reference_output
+    calls = iter([0.0, 1e-7])  # the loaded drafter's output is compared first
+
+    monkeypatch.setattr(export_module, "reference_output", lambda drafter: real(drafter) + next(calls))
+    with pytest.raises(ExportCheckError, match="not bit-identical"):
+        export(checkpoint, tmp_path / "drafter", None, "float32", overwrite=False)
+
+
+def test_export_config_errors_name_the_key(tmp_path, checkpoint, target_dir):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ConfigError, match="^output_dir"):
+        export(checkpoint, tmp_path / "full", None, "float32", overwrite=False)
+    with pytest.raises(ConfigError, match="^dtype"):
+        export(checkpoint, tmp_path / "d", None, "fp8", overwrite=False)
+    with pytest.raises(ConfigError, match="^target_path"):
+        export(checkpoint, tmp_path / "d", str(tmp_path / "nowhere"), "float32", overwrite=False)
+    dspark = write_checkpoint(tmp_path / "dspark.ckpt", target_dir, label_offset=1, heads={"markov_rank": 8})
+    with pytest.raises(ConfigError, match="^ckpt_path: .*DSpark"):
+        export(dspark, tmp_path / "d", None, "float32", overwrite=False)
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ConfigError, match="^ckpt_path: .*not a dflashtrain"):
+        load_checkpoint(tmp_path / "foreign.ckpt")
+
+
+def test_latest_is_the_newest_last_ckpt_under_the_working_directory(tmp_path, target_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="^ckpt_path: is 'latest' but no outputs/train"):
+        resolve_checkpoint("latest")
+    older = write_checkpoint(tmp_path / "outputs/train/2026-01-02_00-00-00/checkpoints/last.ckpt", target_dir)
+    newer = write_checkpoint(tmp_path / "outputs/train/2026-01-01_00-00-00/checkpoints/last.ckpt", target_dir)
+    os.utime(older, (time.time() - 60, time.time() - 60))
+    assert resolve_checkpoint("latest").samefile(newer)
+    with pytest.raises(ConfigError, match="^ckpt_path: no checkpoint file"):
+        resolve_checkpoint("missing.ckpt")
+
+
+def test_a_failed_export_check_exits_4():
+    from dflashtrain.cli import exit_code
+
+    assert exit_code(ExportCheckError("x")) == 4
+
+
+# ---------------------------------------------------------------------------------------------- CLIs end to end
+def run_cli(entry, *overrides, cwd):
+    command = [sys.executable, "-c", f"from dflashtrain.cli import {entry}; {entry}()", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_export_and_eval_clis_with_no_arguments_after_a_run(tmp_path, random_target_dir):
+    """As after `make run`: a run's last.ckpt under ./outputs/train, then `dflashtrain-export` and `dflashtrain-eval`
+    with no checkpoint argument; eval reads the target recorded in the checkpoint and the held-out prompts."""
+    from dflashtrain.assets import TINY_HELDOUT_JSONL
+
+    config = Qwen3Config.from_pretrained(random_target_dir)
+    ckpt = write_checkpoint(tmp_path / "outputs/train/2026-01-01_00-00-00/checkpoints/last.ckpt", random_target_dir,
+                            num_target_layers=config.num_hidden_layers)
+    exported = run_cli("export", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    (drafter_dir,) = (tmp_path / "outputs/export").glob("*/drafter")
+    assert json.loads((drafter_dir / "config.json").read_text())["vocab_size"] == config.vocab_size
+
+    evaluated = run_cli("evaluate", "num_prompts=3", "max_new_tokens=12", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "tau = " in evaluated.stdout and "accepted  0:" in evaluated.stdout and "speedup" in evaluated.stdout
+    (report_path,) = (tmp_path / "outputs/eval").glob("*/eval.json")
+    report = json.loads(report_path.read_text())
+    assert report["prompts"] == 3 and report["block_size"] == 4 and report["ckpt_path"] == str(ckpt.resolve())
+    assert report["tau"] >= 1 and sum(report["histogram"]) == report["rounds"] and len(report["accept_rate"]) == 3
+    assert report["greedy_mismatches"] == 0 and report["speedup"] > 0
+    assert list(report_path.parent.glob("tensorboard/events.out.tfevents.*"))
+    assert report["eval_path"] == str(TINY_HELDOUT_JSONL)
+
+    from_dir = run_cli("evaluate", f"drafter_dir={drafter_dir}", f"model.target.path={random_target_dir}",
+                       "num_prompts=3", "max_new_tokens=12", "temperature=0.8", "baseline=false", cwd=tmp_path)
+    assert from_dir.returncode == 0, from_dir.stderr[-3000:]
+
+    bad = run_cli("evaluate", "temperature=-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "temperature" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------- val/tau callback
+def test_tau_callback_logs_every_n_steps_once(monkeypatch):
+    from dflashtrain.callbacks import TauEvalCallback
+
+    callback = TauEvalCallback(prompts=[[1, 2]], stop_token_ids=[0], every_n_steps=100, max_new_tokens=4)
+    monkeypatch.setattr(callback, "measure", lambda drafter, target: 2.5)
+    logged = []
+    module = SimpleNamespace(drafter=None, target=None, log=lambda name, value, **kw: logged.append((name, value)))
+    for step in (0, 99, 100, 100, 150, 200):  # 100 twice: micro-batches of one accumulated step
+        callback.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, 0)
+    assert logged == [("val/tau", 2.5), ("val/tau", 2.5)]

@@ -1,0 +1,125 @@
+"""Outputs: an unwritable output directory fails at start (before the tokenizer, data or weights), and no run ever
+writes beside, overwrites or deletes another run's checkpoints.
+
+Tests run as root, where file modes do not stop writes: "unwritable" here is a path under a regular file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+import dflashtrain.train as train_module
+from dflashtrain.assets import TINY_TARGET_DIR
+from dflashtrain.config import ConfigError, register_configs
+from dflashtrain.guards import check_checkpoint_dir
+from dflashtrain.train import check_output_dir, run
+
+# Until the embedded tiny target is committed, its untrained stand-in (same tokenizer) is used.
+TARGET = next((p for p in (TINY_TARGET_DIR, Path("/tmp/quick_target")) if (p / "config.json").is_file()), None)
+needs_target = pytest.mark.skipif(TARGET is None, reason="no tiny target (dflashtrain/assets/tiny/target)")
+register_configs()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Count up from {i} to {i + 20} ."},
+                          {"role": "assistant", "content": " ".join(map(str, range(i, i + 21))) + " ."}]}
+            for i in range(16)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def config(data: Path, out: Path, *extra: str):
+    overrides = [f"model.target.path={TARGET}", f"data.path={data}", f"paths.output_dir={out}", "data.batch_size=4",
+                 "checkpoint.every_n_train_steps=1", "logger=none", "eval.every_n_steps=0",
+                 "trainer.enable_progress_bar=false", *extra]
+    with initialize_config_module(config_module="dflashtrain.conf", version_base=None):
+        return compose("train", overrides=overrides)
+
+
+def fingerprints(directory: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.ckpt"))}
+
+
+def test_a_path_under_a_regular_file_is_refused(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    for path in (blocker / "run", blocker):
+        with pytest.raises(ConfigError) as info:
+            check_output_dir(str(path))
+        assert info.value.key == "paths.output_dir" and str(path) in str(info.value)
+
+
+@needs_target
+def test_unwritable_output_dir_fails_before_tokenizer_data_or_weights(data, tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("reached after an unwritable output dir")
+
+    for name in ("load_tokenizer", "ChatDataModule", "FrozenTarget"):
+        monkeypatch.setattr(train_module, name, must_not_run)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"^paths\.output_dir: cannot write to .*a_file/run"):
+        run(config(data, blocker / "run", "trainer.max_steps=1"))
+
+
+def test_checkpoint_dir_rules(tmp_path):
+    """Empty or absent: fine. Holding checkpoints: only a run resumed from one of them may continue there."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert check_checkpoint_dir(checkpoints, None) == checkpoints and checkpoints.is_dir()
+    (checkpoints / "last.ckpt").write_bytes(b"another run")
+    with pytest.raises(ConfigError, match=r"^paths\.output_dir: .* already holds checkpoints of another run"):
+        check_checkpoint_dir(checkpoints, None)
+    elsewhere = tmp_path / "other.ckpt"
+    elsewhere.write_bytes(b"")
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        check_checkpoint_dir(checkpoints, str(elsewhere))
+    assert check_checkpoint_dir(checkpoints, str(checkpoints / "last.ckpt")) == checkpoints  # continuing that run
+    assert (checkpoints / "last.ckpt").read_bytes() == b"another run"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot create"):
+        check_checkpoint_dir(blocker / "checkpoints", None)
+
+
+@pytest.fixture(scope="module")
+def first_run(data, tmp_path_factory) -> Path:
+    """A finished 2-step run: its output directory."""
+    first = tmp_path_factory.mktemp("first")
+    run(config(data, first, "trainer.max_steps=2"))
+    return first
+
+
+@needs_target
+def test_no_run_touches_another_runs_checkpoints(data, first_run, tmp_path):
+    first = first_run
+    before = fingerprints(first / "checkpoints")
+    assert {"last.ckpt", "step0000002.ckpt"} <= before.keys()
+
+    # A new run pointed at the same directory is refused before it writes anything.
+    with pytest.raises(ConfigError, match="already holds checkpoints of another run"):
+        run(config(data, first, "trainer.max_steps=4"))
+    assert fingerprints(first / "checkpoints") == before
+
+    # A run resumed from the first one into its own directory (ModelCheckpoint restores the first run's
+    # best_model_path from the checkpoint) writes only there.
+    second = tmp_path / "second"
+    run(config(data, second, "trainer.max_steps=3", f"resume_from={first / 'checkpoints' / 'last.ckpt'}"))
+    assert fingerprints(first / "checkpoints") == before
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 3
+
+
+@needs_target
+def test_resume_with_another_geometry_is_refused_before_loading(data, first_run, tmp_path):
+    first = first_run
+    with pytest.raises(ConfigError, match=r"^resume_from: .* block_size=8, this config gives 6"):
+        run(config(data, tmp_path / "second", "trainer.max_steps=2", "model.drafter.block_size=6",
+                   f"resume_from={first / 'checkpoints' / 'last.ckpt'}"))
