@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
 
 from dflashtrain.decode import DFlashProposer, Sampler, acceptance_stats, generate, single_thread_on_cpu
+from dflashtrain.dspark_drafting import DSparkProposer
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +19,9 @@ class TauEvalCallback(L.Callback):
     """Real acceptance during training: every ``every_n_steps`` optimizer steps, τ of greedy speculative decoding
     (SPEC §8) of a few held-out prompts with the current drafter, logged as ``val/tau``.
 
-    τ = mean over rounds of (accepted + 1). Off for next-token (DSpark) drafters, whose drafting mode differs, and
-    under FSDP (the sharded drafter is only whole inside its forward); use `dflashtrain-eval` on checkpoints there.
+    τ = mean over rounds of (accepted + 1). Next-token (DSpark) drafters decode with their own proposer (sequential
+    Markov-head drafting, B drafts per round). Off under FSDP (the sharded drafter is only whole inside its forward);
+    use `dflashtrain-eval` on checkpoints there.
     """
 
     def __init__(self, prompts: Sequence[List[int]], stop_token_ids: Sequence[int], every_n_steps: int,
@@ -28,14 +30,17 @@ class TauEvalCallback(L.Callback):
         self.stop_token_ids = list(stop_token_ids)
         self.every_n_steps = every_n_steps
         self.max_new_tokens = max_new_tokens
+        self.make_proposer = DFlashProposer  # (drafter, target) -> proposer; a DSpark module swaps in its own
         self.enabled = True
+        self.history: List[tuple] = []  # (step, τ) of every measurement
         self._last_step = -1
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reason = None
-        if pl_module.objective.label_offset != 0:
-            reason = f"objective {pl_module.objective.name} drafts in the next-token convention"
-        elif isinstance(trainer.strategy, FSDPStrategy):
+        if pl_module.objective.label_offset == 1:  # DSpark: next-token convention, drafts through its heads
+            heads = pl_module.heads
+            self.make_proposer = lambda drafter, target: DSparkProposer(drafter, target, heads)
+        if isinstance(trainer.strategy, FSDPStrategy):
             reason = "the drafter is sharded (FSDP)"
         if reason:
             self.enabled = False
@@ -48,7 +53,9 @@ class TauEvalCallback(L.Callback):
         self._last_step = step
         started = time.perf_counter()
         tau = self.measure(pl_module.drafter, pl_module.target)
-        pl_module.log("val/tau", tau, on_step=True, on_epoch=False, batch_size=1)
+        self.history.append((step, tau))
+        for logger in trainer.loggers:  # directly: self.log would drop it on a step that is not a logging step
+            logger.log_metrics({"val/tau": tau}, step=step)
         log.info("step %d: val/tau %.3f on %d prompts (%.1f s)", step, tau, len(self.prompts),
                  time.perf_counter() - started)
 
@@ -56,10 +63,10 @@ class TauEvalCallback(L.Callback):
         was_training = drafter.training
         drafter.eval()
         try:
-            proposer = DFlashProposer(drafter, target)
+            proposer = self.make_proposer(drafter, target)
             with single_thread_on_cpu(target.lm_head.weight.device):
                 generations = [generate(target, proposer, prompt, self.max_new_tokens, self.stop_token_ids, Sampler())
                                for prompt in self.prompts]
         finally:
             drafter.train(was_training)
-        return float(acceptance_stats(generations, drafter.geometry.block_size)["tau"])
+        return float(acceptance_stats(generations, proposer.block_size)["tau"])

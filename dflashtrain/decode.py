@@ -15,8 +15,9 @@ One sequence at a time (batch 1), KV caches on both sides:
 
 The drafting of a block is a *proposer* object, so drafting modes plug in without touching the loop:
 :class:`DFlashProposer` (one non-causal pass; :meth:`DFlashProposer.draft_hidden` takes a visible prefix of any
-length p, which is what a VP re-drafting mode needs), :class:`PlainDecoding` (block size 1: the baseline), and
-later a DSpark proposer (sequential Markov-head drafting after one backbone pass) implementing ``propose``.
+length p: VP re-drafting), :class:`D2SDProposer` (the DFlash block plus rows re-drafted by a variable-prefix
+drafter, verified together), :class:`PlainDecoding` (block size 1: the baseline). A DSpark proposer (sequential
+Markov-head drafting after one backbone pass) implements the same ``propose``.
 """
 
 from __future__ import annotations

@@ -122,8 +122,9 @@ def validate_eval(cfg: DictConfig) -> None:
         raise ConfigError("model.target.path", "is required with drafter_dir (an exported drafter records no target)")
 
 
-def check_pairing(drafter: DFlashDrafter, target: FrozenTarget) -> None:
-    g, config = drafter.geometry, target.model.config
+def check_pairing(drafter: DFlashDrafter, config: Any) -> None:
+    """The drafter fits the target (its config.json, read before any weight): hidden size, taps, mask row."""
+    g = drafter.geometry
     if g.hidden_size != config.hidden_size:
         raise ConfigError("model.target.path", f"hidden size {config.hidden_size} != the drafter's {g.hidden_size}")
     if max(g.target_layer_ids) >= config.num_hidden_layers - 1 or g.mask_token_id >= config.vocab_size:
@@ -137,8 +138,6 @@ def summarize(speculative: List[Generation], baseline: List[Generation], block_s
     tokens = sum(len(g.tokens) for g in speculative)
     seconds = sum(g.seconds for g in speculative)
     stats.update(prompts=len(speculative), generated_tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds)
-    if stats["rounds"]:  # D²SD: how often a re-drafted row beat the main draft
-        stats["branch_win_rate"] = sum(r > 0 for g in speculative for r in g.winning_rows) / stats["rounds"]
     if baseline:
         base_tokens, base_seconds = sum(len(g.tokens) for g in baseline), sum(g.seconds for g in baseline)
         stats.update(baseline_tokens_per_s=base_tokens / base_seconds, baseline_seconds=base_seconds,
@@ -172,9 +171,12 @@ def write_report(report: Dict[str, Any], output_dir: Path, step: int) -> None:
 def run(cfg: DictConfig) -> Dict[str, Any]:
     validate_eval(cfg)
     drafter, trained_target, source = load_drafter(cfg)
+    second = load_second_drafter(cfg.vp_drafter) if cfg.vp_drafter is not None else None
     target_path = trained_target if OmegaConf.is_missing(cfg.model.target, "path") else cfg.model.target.path
     if not Path(target_path, "config.json").is_file():
         raise ConfigError("model.target.path", f"no Hugging Face model directory (config.json) at {target_path!r}")
+    for model in filter(None, (drafter, second)):
+        check_pairing(model, load_target_config(target_path))
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(target_path)
@@ -184,10 +186,13 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     stop = stop_token_ids(tokenizer, target_path)
 
     device = pick_device(cfg.device)
+    dtype = DTYPES[cfg.model.target.dtype]
     target = FrozenTarget.load(target_path, cfg.model.target.dtype, drafter.geometry.target_layer_ids).to(device)
-    check_pairing(drafter, target)
-    drafter = drafter.to(device=device, dtype=DTYPES[cfg.model.target.dtype])
-    block_size = drafter.geometry.block_size
+    proposer = DFlashProposer(drafter.to(device=device, dtype=dtype), target)
+    if second is not None:
+        proposer = D2SDProposer(proposer, DFlashProposer(second.to(device=device, dtype=dtype), target),
+                                cfg.d2sd_branches)
+    block_size = proposer.block_size  # tokens per target verification, the anchor included
     log.info("eval: %d prompts from %s, B = %d, T = %g, stop tokens %s, %s", len(prompts), cfg.data.eval_path,
              block_size, cfg.temperature, stop, source)
 
@@ -195,11 +200,6 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         return Sampler(cfg.temperature, torch.Generator(device=device).manual_seed(cfg.seed))
 
     spec_sampler, base_sampler = sampler(), sampler()
-    proposer = DFlashProposer(drafter, target)
-    if cfg.vp_drafter is not None:
-        second = load_second_drafter(cfg.vp_drafter).to(device=device, dtype=DTYPES[cfg.model.target.dtype])
-        check_pairing(second, target)
-        proposer = D2SDProposer(proposer, DFlashProposer(second, target), cfg.d2sd_branches)
     speculative, baseline = [], []
     with single_thread_on_cpu(device):
         for mode in (proposer, PlainDecoding()):  # warm-up (allocator, kernels) outside the timings
@@ -212,6 +212,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
             progress.set_postfix(tau=f"{acceptance_stats(speculative, block_size)['tau']:.3f}")
 
     report = summarize(speculative, baseline, block_size)
+    if cfg.vp_drafter is not None:  # D²SD: how often a re-drafted row was the one committed
+        report["branch_win_rate"] = sum(r > 0 for g in speculative for r in g.winning_rows) / max(report["rounds"], 1)
     report.update(decoding="d2sd" if cfg.vp_drafter is not None else "dflash", block_size=block_size,
                   temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                   device=str(device), target_path=str(target_path), eval_path=str(cfg.data.eval_path), **source)

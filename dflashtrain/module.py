@@ -180,12 +180,16 @@ class DraftModule(L.LightningModule):
         for k in torch.nonzero(counts.valid).flatten().tolist():
             self.log(f"train/weight_k/{k}", mean_weight[k], batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
-        elapsed = time.perf_counter() - self._step_started
-        self.log("train/step_time", elapsed, batch_size=size)
-        self.log("train/tokens_per_s", batch["attention_mask"].sum().float() / max(elapsed, 1e-9), batch_size=size)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Whole-step time (forward, backward, optimizer) and throughput in tokens of the local batch."""
+        elapsed = max(time.perf_counter() - self._step_started, 1e-9)
+        size = batch["input_ids"].shape[0]
+        self.log("train/step_time", elapsed, batch_size=size)
+        self.log("train/tokens_per_s", batch["attention_mask"].sum().float() / elapsed, batch_size=size)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]

@@ -283,7 +283,7 @@ def test_no_confidence_head_without_its_loss_weight(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- end to end
-def test_cli_loss_dspark_trains_logs_every_term_and_checkpoints_the_heads(tmp_path):
+def test_cli_loss_dspark_trains_logs_every_term_decodes_and_checkpoints_the_heads(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from dflashtrain.assets import TINY_TRAIN_JSONL
@@ -294,7 +294,8 @@ def test_cli_loss_dspark_trains_logs_every_term_and_checkpoints_the_heads(tmp_pa
     cli = [sys.executable, "-c", "from dflashtrain.cli import train; train()"]
     result = subprocess.run([*cli, "loss=dspark", f"paths.output_dir={out}", f"data.path={data}",
                              "trainer.max_steps=3", "data.batch_size=8", "trainer.enable_progress_bar=false",
-                             "trainer.log_every_n_steps=1"],
+                             "trainer.log_every_n_steps=1", "eval.every_n_steps=3", "eval.num_prompts=2",
+                             "eval.max_new_tokens=8"],
                             capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -305,6 +306,7 @@ def test_cli_loss_dspark_trains_logs_every_term_and_checkpoints_the_heads(tmp_pa
     assert last["train/loss"] == pytest.approx(0.1 * last["train/ce"] + 0.9 * last["train/l1"] + last["train/bce"],
                                                rel=1e-4)
     assert 0 <= last["train/l1"] <= 2 and last["train/tau_probabilistic"] >= 1
+    assert 1 <= last["val/tau"] <= 8  # real decoding with DSpark drafts: B = 7 drafts + the bonus token at most
 
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     state, meta = checkpoint["state_dict"], checkpoint["dflashtrain"]

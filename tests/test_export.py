@@ -211,12 +211,18 @@ def test_export_and_eval_clis_with_no_arguments_after_a_run(tmp_path, random_tar
     assert list(report_path.parent.glob("tensorboard/events.out.tfevents.*"))
     assert report["eval_path"] == str(TINY_HELDOUT_JSONL)
 
-    from_dir = run_cli("evaluate", f"drafter_dir={drafter_dir}", f"model.target.path={random_target_dir}",
-                       "num_prompts=3", "max_new_tokens=12", "temperature=0.8", "baseline=false", cwd=tmp_path)
-    assert from_dir.returncode == 0, from_dir.stderr[-3000:]
+    # An exported directory, sampling at T > 0, no baseline: in process (the CLI path is the one above).
+    from hydra import compose, initialize_config_module
 
-    bad = run_cli("evaluate", "temperature=-1", cwd=tmp_path)
-    assert bad.returncode == 2 and "temperature" in bad.stderr
+    from dflashtrain.evaluate import run
+
+    with initialize_config_module(config_module="dflashtrain.conf", version_base=None):
+        cfg = compose("eval", overrides=[f"drafter_dir={drafter_dir}", f"model.target.path={random_target_dir}",
+                                         "num_prompts=2", "max_new_tokens=8", "temperature=0.8", "baseline=false",
+                                         f"output_dir={tmp_path / 'from_dir'}"])
+    sampled = run(cfg)
+    assert sampled["drafter_dir"] == str(drafter_dir) and sampled["temperature"] == 0.8 and "speedup" not in sampled
+    assert (tmp_path / "from_dir" / "eval.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- val/tau callback
@@ -226,7 +232,29 @@ def test_tau_callback_logs_every_n_steps_once(monkeypatch):
     callback = TauEvalCallback(prompts=[[1, 2]], stop_token_ids=[0], every_n_steps=100, max_new_tokens=4)
     monkeypatch.setattr(callback, "measure", lambda drafter, target: 2.5)
     logged = []
-    module = SimpleNamespace(drafter=None, target=None, log=lambda name, value, **kw: logged.append((name, value)))
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    module = SimpleNamespace(drafter=None, target=None)
     for step in (0, 99, 100, 100, 150, 200):  # 100 twice: micro-batches of one accumulated step
-        callback.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, 0)
-    assert logged == [("val/tau", 2.5), ("val/tau", 2.5)]
+        callback.on_train_batch_end(SimpleNamespace(global_step=step, loggers=[logger]), module, None, None, 0)
+    assert logged == [(100, {"val/tau": 2.5}), (200, {"val/tau": 2.5})]
+    assert callback.history == [(100, 2.5), (200, 2.5)]
+
+
+# ---------------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name", ["eval", "export"])
+def test_eval_and_export_configs_compose_with_defaults_that_need_no_arguments(name):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from dflashtrain.config import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="dflashtrain.conf", version_base=None):
+        cfg = compose(name, overrides=[])
+        assert cfg.ckpt_path == "latest"
+        if name == "eval":  # the target defaults to the checkpoint's; the held-out prompts to the tiny set
+            assert OmegaConf.is_missing(cfg.model.target, "path") and cfg.temperature == 0.0
+            assert cfg.data.eval_path.endswith("heldout.jsonl")
+            assert compose(name, overrides=["model.target.path=/models/x"]).model.target.path == "/models/x"
+        with pytest.raises(Exception, match="no_such_key"):
+            compose(name, overrides=["no_such_key=1"])
