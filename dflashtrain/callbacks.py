@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
 
 from dflashtrain.decode import DFlashProposer, Sampler, acceptance_stats, generate, single_thread_on_cpu
-from dflashtrain.dspark_drafting import DSparkProposer
+from dflashtrain.dspark_drafting import proposer_factory
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,8 @@ class TauEvalCallback(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reason = None
-        if pl_module.objective.label_offset == 1:  # DSpark: next-token convention, drafts through its heads
-            heads = pl_module.heads
-            self.make_proposer = lambda drafter, target: DSparkProposer(drafter, target, heads)
+        # DSpark (next-token convention) drafts sequentially through its heads; DFlash in one pass.
+        self.make_proposer = proposer_factory(pl_module.objective.label_offset, pl_module.heads)
         if isinstance(trainer.strategy, FSDPStrategy):
             reason = "the drafter is sharded (FSDP)"
         if reason:

@@ -20,13 +20,13 @@ i.e. B + 1 tokens per target forward for B drafts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dflashtrain.decode import DFlashProposer, Proposal, Sampler
+from dflashtrain.decode import DFlashProposer, Proposal, Proposer, Sampler
 from dflashtrain.models.dflash import DFlashDrafter
 from dflashtrain.models.heads import DSparkHeads, slot_logits
 from dflashtrain.target import FrozenTarget
@@ -99,7 +99,8 @@ class DSparkProposer:
 
     def __init__(self, drafter: DFlashDrafter, target: FrozenTarget, heads: Optional[DSparkHeads]):
         self.backbone = DFlashProposer(drafter, target)
-        self.target, self.heads = target, heads
+        self.target = target
+        self.heads = heads.to(target.lm_head.weight.device) if heads is not None else None  # fp32 is fine
         self.block_size = drafter.geometry.block_size + 1  # tokens per verification: the anchor and B drafts
 
     def begin(self, tapped: Tensor) -> None:
@@ -114,3 +115,14 @@ class DSparkProposer:
         hidden = self.backbone.draft_hidden(anchor_ids, start).to(lm_head.weight.dtype)  # [B, d]
         draft = draft_sequential(hidden, anchor, lm_head, self.heads, sampler.temperature, sampler.generator)
         return Proposal(tokens=draft.tokens, probs=None if sampler.greedy else draft.probs)
+
+
+ProposerFactory = Callable[[DFlashDrafter, FrozenTarget], Proposer]
+
+
+def proposer_factory(label_offset: int, heads: Optional[DSparkHeads]) -> ProposerFactory:
+    """(drafter, target) -> the drafting mode its training convention needs: DSpark's sequential drafting for a
+    next-token drafter (label_offset 1, heads may be None), DFlash's one-pass drafting otherwise."""
+    if label_offset == 1:
+        return lambda drafter, target: DSparkProposer(drafter, target, heads)
+    return DFlashProposer

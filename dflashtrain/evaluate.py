@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
@@ -34,8 +35,10 @@ from dflashtrain.decode import (
     generate,
     single_thread_on_cpu,
 )
-from dflashtrain.export import load_checkpoint, load_exported, resolve_checkpoint
+from dflashtrain.dspark_drafting import ProposerFactory, proposer_factory
+from dflashtrain.export import WEIGHTS_FILE, load_checkpoint, load_exported, resolve_checkpoint
 from dflashtrain.models.dflash import DFlashDrafter
+from dflashtrain.models.heads import heads_from_export
 from dflashtrain.target import DTYPES, FrozenTarget, load_target_config, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -82,14 +85,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_drafter(cfg: DictConfig) -> Tuple[DFlashDrafter, Optional[str], Dict[str, Any]]:
-    """-> (drafter, the target path it was trained with or None, what was loaded). drafter_dir wins over ckpt."""
+def load_drafter(cfg: DictConfig) -> Tuple[DFlashDrafter, Optional[str], Dict[str, Any], ProposerFactory]:
+    """-> (drafter, the target path it was trained with or None, what was loaded, its drafting mode).
+    drafter_dir wins over ckpt. The mode is DFlash's, or DSpark's sequential drafting through its heads."""
     if cfg.drafter_dir is not None:
-        drafter, _ = load_exported(Path(cfg.drafter_dir))
-        return drafter, None, {"drafter_dir": os.path.abspath(cfg.drafter_dir)}
+        drafter, config = load_exported(Path(cfg.drafter_dir))
+        heads = heads_from_export(load_file(str(Path(cfg.drafter_dir, WEIGHTS_FILE))), config)
+        label_offset = (config.get("dspark_config") or {}).get("label_offset", 0)
+        return (drafter, None, {"drafter_dir": os.path.abspath(cfg.drafter_dir)},
+                proposer_factory(label_offset, heads))
     path = resolve_checkpoint(cfg.ckpt_path)
     drafter, meta = load_checkpoint(path)
-    return drafter, meta["target_path"], {"ckpt_path": str(path.resolve()), "global_step": meta.get("global_step")}
+    return (drafter, meta["target_path"], {"ckpt_path": str(path.resolve()), "global_step": meta.get("global_step")},
+            proposer_factory(meta.get("label_offset", 0), meta["dspark_heads"]))
 
 
 def load_second_drafter(path: str) -> DFlashDrafter:
@@ -170,7 +178,7 @@ def write_report(report: Dict[str, Any], output_dir: Path, step: int) -> None:
 # ---------------------------------------------------------------------------------------------- the recipe
 def run(cfg: DictConfig) -> Dict[str, Any]:
     validate_eval(cfg)
-    drafter, trained_target, source = load_drafter(cfg)
+    drafter, trained_target, source, make_proposer = load_drafter(cfg)
     second = load_second_drafter(cfg.vp_drafter) if cfg.vp_drafter is not None else None
     target_path = trained_target if OmegaConf.is_missing(cfg.model.target, "path") else cfg.model.target.path
     if not Path(target_path, "config.json").is_file():
@@ -188,7 +196,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     device = pick_device(cfg.device)
     dtype = DTYPES[cfg.model.target.dtype]
     target = FrozenTarget.load(target_path, cfg.model.target.dtype, drafter.geometry.target_layer_ids).to(device)
-    proposer = DFlashProposer(drafter.to(device=device, dtype=dtype), target)
+    proposer = make_proposer(drafter.to(device=device, dtype=dtype), target)
     if second is not None:
         proposer = D2SDProposer(proposer, DFlashProposer(second.to(device=device, dtype=dtype), target),
                                 cfg.d2sd_branches)

@@ -6,6 +6,10 @@
     <dir>/model.safetensors  exactly the drafter's parameter names (fc, hidden_norm, norm, layers.*): no embedding,
                              no lm_head (the target's are used)
 
+A DSpark checkpoint (next-token convention, SPEC §6) exports as "architectures": ["DSparkDraftModel"] with
+"dspark_config" {markov_rank, confidence_head, label_offset}, the head tensors markov_head.{embed,proj}.weight and
+confidence_head.{weight,bias} beside the drafter's, and modeling_dspark.py, a self-contained loader.
+
 The directory is written under ``<dir>.incomplete`` and moved into place only after the load-back check passed:
 tensors and names identical, dflash_config equal to the checkpoint's, and a fixed input giving bit-identical
 outputs. A wrong ``target_layer_ids`` or ``mask_token_id`` is the classic reason a served drafter accepts ≈ nothing.
@@ -26,6 +30,15 @@ from safetensors.torch import load_file, save_file
 
 from dflashtrain.config import ConfigError
 from dflashtrain.models.dflash import DFlashDrafter, DrafterGeometry
+from dflashtrain.models.heads import (
+    EXPORT_ARCHITECTURE,
+    MODELING_FILE,
+    check_exported_heads,
+    export_config,
+    export_tensors,
+    heads_from_checkpoint,
+    is_head_tensor,
+)
 from dflashtrain.models.masks import AnchorAttentionMask
 from dflashtrain.target import DTYPES, load_target_config
 
@@ -61,11 +74,9 @@ def read_checkpoint(path: Path, key: str = "ckpt_path") -> Tuple[Dict[str, torch
     meta = checkpoint.get("dflashtrain") if isinstance(checkpoint, dict) else None
     if not meta or "geometry" not in meta:
         raise ConfigError(key, f"{path} is not a dflashtrain training checkpoint (no 'dflashtrain' metadata)")
-    if meta.get("label_offset", 0) != 0 or (meta.get("heads") or {}).get("markov_rank", 0) > 0:
-        raise ConfigError(key, f"{path} is a DSpark (next-token, Markov head) checkpoint; its drafting and export "
-                               "modes are not available yet (only DFlash-convention drafters)")
     state = {k.removeprefix("drafter."): v for k, v in checkpoint["state_dict"].items() if k.startswith("drafter.")}
-    return state, dict(meta, global_step=checkpoint.get("global_step"))
+    # DSpark: label_offset 1 and the Markov/confidence heads (None for a DFlash checkpoint).
+    return state, dict(meta, global_step=checkpoint.get("global_step"), dspark_heads=heads_from_checkpoint(checkpoint))
 
 
 def load_checkpoint(path: Path, key: str = "ckpt_path") -> Tuple[DFlashDrafter, Dict[str, Any]]:
@@ -137,12 +148,15 @@ def geometry_from_hf_config(config: Dict[str, Any]) -> DrafterGeometry:
 
 
 def load_exported(directory: Path) -> Tuple[DFlashDrafter, Dict[str, Any]]:
-    """An exported DFlash directory -> (drafter in eval mode, in the stored dtype, on CPU; its config.json)."""
+    """An exported DFlash (or DSpark) directory -> (drafter in eval mode, in the stored dtype, on CPU; config.json).
+
+    A DSpark directory's head tensors are left out here: :func:`dflashtrain.models.heads.heads_from_export`."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
-    if config.get("architectures") != [ARCHITECTURE]:
-        raise ValueError(f"{directory}: architectures is {config.get('architectures')}, expected [{ARCHITECTURE!r}]")
-    state = load_file(str(directory / WEIGHTS_FILE))
+    if config.get("architectures") not in ([ARCHITECTURE], [EXPORT_ARCHITECTURE]):
+        raise ValueError(f"{directory}: architectures is {config.get('architectures')}, expected "
+                         f"[{ARCHITECTURE!r}] or [{EXPORT_ARCHITECTURE!r}]")
+    state = {k: v for k, v in load_file(str(directory / WEIGHTS_FILE)).items() if not is_head_tensor(k)}
     drafter = DFlashDrafter(geometry_from_hf_config(config)).to(next(iter(state.values())).dtype)
     drafter.load_state_dict(state, strict=True)
     return drafter.eval(), config
@@ -168,8 +182,10 @@ def check_export(original: DFlashDrafter, directory: Path, meta: Dict[str, Any],
     """Load ``directory`` back and compare with ``original`` (already in the export dtype). Raises ExportCheckError."""
     loaded, config = load_exported(directory)
     problems = []
-    expected_names = set(original.state_dict())
-    stored_names = set(load_file(str(directory / WEIGHTS_FILE)))
+    heads = meta.get("dspark_heads")
+    expected_names = set(original.state_dict()) | (set(export_tensors(heads)) if heads is not None else set())
+    stored = load_file(str(directory / WEIGHTS_FILE))
+    stored_names = set(stored)
     if stored_names != expected_names:
         problems.append(f"weight names differ: extra {sorted(stored_names - expected_names)}, "
                         f"missing {sorted(expected_names - stored_names)}")
@@ -185,6 +201,8 @@ def check_export(original: DFlashDrafter, directory: Path, meta: Dict[str, Any],
     }
     problems += [f"{name} is {got!r}, checkpoint has {want!r}" for name, (got, want) in expected_fields.items()
                  if got != want]
+    if meta.get("label_offset", 0) == 1:  # DSpark: config fields and head tensors
+        problems += check_exported_heads(stored, config, heads, **meta["heads"])
     if asdict(loaded.geometry) != asdict(original.geometry):
         problems.append(f"geometry read back {asdict(loaded.geometry)} != {asdict(original.geometry)}")
     else:
@@ -213,14 +231,19 @@ def export(ckpt_path: Path, output_dir: Path, target_path: str | None, dtype: st
                                          "pass target_path=/path/to/target")
     target_config = load_target_config(target_path)
     drafter = drafter.to(DTYPES[dtype])
+    heads = meta["dspark_heads"] = meta["dspark_heads"].to(DTYPES[dtype]) if meta["dspark_heads"] else None
 
     staging = output_dir.with_name(output_dir.name + ".incomplete")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         config = hf_config(drafter.geometry, meta["num_target_layers"], target_config, dtype)
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tensors = {name: t.detach().contiguous() for name, t in drafter.state_dict().items()}
+        if meta.get("label_offset", 0) == 1:  # DSpark: heads, config fields and the loader that reads them
+            config.update(export_config(**meta["heads"]))
+            tensors.update(export_tensors(heads) if heads is not None else {})
+            shutil.copy(MODELING_FILE, staging / MODELING_FILE.name)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         check_export(drafter, staging, meta, target_config.vocab_size)
     except BaseException:

@@ -123,3 +123,66 @@ def test_shipped_modeling_file_loads_an_export_and_reproduces_the_drafter(tmp_pa
     tokens, probs, confidences = model.draft(exported[0], anchor, lm_head)
     assert tokens.tolist() == expected.tokens.tolist()
     torch.testing.assert_close(confidences, expected.confidences)
+
+
+# ---------------------------------------------------------------------------------------- export and eval
+def _dspark_checkpoint(path, target_dir):
+    """A training-shaped DSpark checkpoint for the random target: drafter.* and heads.* + the metadata."""
+    from dataclasses import asdict
+
+    from dflashtrain.models.dflash import DFlashDrafter, DrafterGeometry
+    from dflashtrain.target import load_target_config, load_tokenizer
+
+    config = load_target_config(str(target_dir))
+    geometry = DrafterGeometry(hidden_size=64, intermediate_size=96, num_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+                               target_layer_ids=[0, 2], block_size=4,
+                               mask_token_id=load_tokenizer(str(target_dir)).mask_token_id)
+    torch.manual_seed(7)
+    drafter, heads = DFlashDrafter(geometry), DSparkHeads(config.vocab_size, 64, 8, confidence=True)
+    nn.init.normal_(heads.markov.proj.weight, std=1.0)
+    state = {**{f"drafter.{k}": v for k, v in drafter.state_dict().items()},
+             **{f"heads.{k}": v for k, v in heads.state_dict().items()}}
+    meta = {"geometry": asdict(geometry), "num_target_layers": 4, "target_path": str(target_dir), "label_offset": 1,
+            "heads": {"markov_rank": 8, "confidence_head": True}, "config": {}}
+    torch.save({"state_dict": state, "dflashtrain": meta, "global_step": 3}, path)
+    return path, heads
+
+
+def test_dspark_export_ships_heads_config_and_loader_and_decodes_like_the_checkpoint(random_target_dir, tmp_path,
+                                                                                     monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    from dflashtrain import export as export_module
+    from dflashtrain.decode import Sampler, generate
+    from dflashtrain.dspark_drafting import DSparkProposer
+    from dflashtrain.evaluate import load_drafter
+    from dflashtrain.target import FrozenTarget
+    from test_decode import plain
+
+    checkpoint, heads = _dspark_checkpoint(tmp_path / "dspark.ckpt", random_target_dir)
+    out = export_module.export(checkpoint, tmp_path / "export", None, "float32", overwrite=False)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "modeling_dspark.py"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DSparkDraftModel"]
+    assert config["dspark_config"] == {"markov_rank": 8, "confidence_head": True, "label_offset": 1}
+
+    target = FrozenTarget.load(str(random_target_dir), "float32", [0, 2])
+    prompt = [5, 17, 9, 30, 2]
+    reference = plain(target, prompt, 16).tokens
+    decoded = []
+    for source in ({"drafter_dir": str(out), "ckpt_path": None}, {"drafter_dir": None, "ckpt_path": str(checkpoint)}):
+        drafter, _, _, make_proposer = load_drafter(SimpleNamespace(**source))
+        proposer = make_proposer(drafter, target)
+        assert isinstance(proposer, DSparkProposer) and proposer.block_size == 5
+        torch.testing.assert_close(proposer.heads.markov.proj.weight, heads.markov.proj.weight, rtol=0, atol=0)
+        decoded.append(generate(target, proposer, prompt, 16, (), Sampler()).tokens)
+    assert decoded == [reference, reference]  # greedy speculative decoding is lossless either way
+
+    monkeypatch.setattr(export_module, "export_config", lambda markov_rank, confidence_head: {
+        "architectures": ["DSparkDraftModel"], "dspark_config": {"markov_rank": 4, "confidence_head": True,
+                                                                 "label_offset": 1}})
+    with pytest.raises(export_module.ExportCheckError, match="dspark_config"):
+        export_module.export(checkpoint, tmp_path / "wrong", None, "float32", overwrite=False)
+    assert not (tmp_path / "wrong").exists()

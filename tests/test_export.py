@@ -154,9 +154,6 @@ def test_export_config_errors_name_the_key(tmp_path, checkpoint, target_dir):
         export(checkpoint, tmp_path / "d", None, "fp8", overwrite=False)
     with pytest.raises(ConfigError, match="^target_path"):
         export(checkpoint, tmp_path / "d", str(tmp_path / "nowhere"), "float32", overwrite=False)
-    dspark = write_checkpoint(tmp_path / "dspark.ckpt", target_dir, label_offset=1, heads={"markov_rank": 8})
-    with pytest.raises(ConfigError, match="^ckpt_path: .*DSpark"):
-        export(dspark, tmp_path / "d", None, "float32", overwrite=False)
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     with pytest.raises(ConfigError, match="^ckpt_path: .*not a dflashtrain"):
         load_checkpoint(tmp_path / "foreign.ckpt")
@@ -214,8 +211,10 @@ def test_export_and_eval_clis_with_no_arguments_after_a_run(tmp_path, random_tar
     # An exported directory, sampling at T > 0, no baseline: in process (the CLI path is the one above).
     from hydra import compose, initialize_config_module
 
+    from dflashtrain.config import register_configs
     from dflashtrain.evaluate import run
 
+    register_configs()
     with initialize_config_module(config_module="dflashtrain.conf", version_base=None):
         cfg = compose("eval", overrides=[f"drafter_dir={drafter_dir}", f"model.target.path={random_target_dir}",
                                          "num_prompts=2", "max_new_tokens=8", "temperature=0.8", "baseline=false",

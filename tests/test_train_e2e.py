@@ -75,6 +75,7 @@ def test_resume_continues_the_step_count(trained, tmp_path):
 def test_runs_from_another_directory_on_a_target_saved_to_disk(random_target_dir, tiny_data, tmp_path):
     """The real-model path: any local HF directory, through from_pretrained; cwd is irrelevant."""
     result = run_cli(f"model.target.path={random_target_dir}", f"data.path={tiny_data}", "trainer.max_steps=2",
+                     "model.drafter.target_layer_ids=[0,2]", "model.drafter.num_taps=2",
                      f"paths.output_dir={tmp_path / 'out'}", "data.batch_size=4", *QUIET, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "checkpoints" / "last.ckpt").is_file()

@@ -11,13 +11,14 @@ The confidence head shares W1 and reads h undetached, so its loss also trains th
 
 Parameter names: a training checkpoint holds them under ``heads.`` (``heads.markov.embed.weight`` [V, r],
 ``heads.markov.proj.weight`` [V, r], ``heads.confidence.weight`` [1, d + r], ``heads.confidence.bias`` [1]);
-an export renames them to ``markov_head.*`` / ``confidence_head.*`` (:func:`export_tensors`).
+an export renames them to ``markov_head.*`` / ``confidence_head.*`` (:func:`export_tensors`) and adds the
+``dspark_config`` fields of :func:`export_config` to config.json; ``modeling_dspark.py`` (shipped with it) loads it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -97,12 +98,13 @@ def teacher_forced_prev(blocks: DraftBlocks) -> Tensor:
 
 EXPORT_NAMES = {"markov.": "markov_head.", "confidence.": "confidence_head."}  # module name -> exported name
 MODELING_FILE = Path(__file__).with_name("modeling_dspark.py")  # self-contained loader shipped with an export
+EXPORT_ARCHITECTURE = "DSparkDraftModel"  # the class in MODELING_FILE
 
 
 def export_config(markov_rank: int, confidence_head: bool) -> Dict[str, Any]:
     """The config.json fields an exported DSpark drafter adds to DFlash's (read by modeling_dspark.py)."""
     return {
-        "architectures": ["DSparkDraftModel"],
+        "architectures": [EXPORT_ARCHITECTURE],
         "dspark_config": {
             "markov_rank": markov_rank,
             "confidence_head": confidence_head,
@@ -111,13 +113,49 @@ def export_config(markov_rank: int, confidence_head: bool) -> Dict[str, Any]:
     }
 
 
+def _renamed(tensors: Dict[str, Tensor], prefixes: Dict[str, str]) -> Dict[str, Tensor]:
+    """The tensors whose name starts with a key of ``prefixes``, that prefix replaced by its value; others dropped."""
+    out = {}
+    for name, tensor in tensors.items():
+        old = next((p for p in prefixes if name.startswith(p)), None)
+        if old is not None:
+            out[prefixes[old] + name[len(old):]] = tensor
+    return out
+
+
 def export_tensors(heads: DSparkHeads) -> Dict[str, Tensor]:
     """Head weights under their export names: markov_head.{embed,proj}.weight, confidence_head.{weight,bias}."""
-    out = {}
-    for name, tensor in heads.state_dict().items():
-        prefix = next(p for p in EXPORT_NAMES if name.startswith(p))
-        out[EXPORT_NAMES[prefix] + name[len(prefix):]] = tensor.detach().contiguous()
-    return out
+    return {name: t.detach().contiguous() for name, t in _renamed(heads.state_dict(), EXPORT_NAMES).items()}
+
+
+def heads_from_export(tensors: Dict[str, Tensor], config: Dict[str, Any]) -> Optional[DSparkHeads]:
+    """Rebuild the heads of an exported directory (its model.safetensors tensors and config.json); None if none."""
+    dspark = config.get("dspark_config") or {}
+    if not dspark.get("markov_rank"):
+        return None
+    heads = DSparkHeads(config["vocab_size"], config["hidden_size"], dspark["markov_rank"], dspark["confidence_head"])
+    state = _renamed(tensors, {exported: module for module, exported in EXPORT_NAMES.items()})
+    heads.load_state_dict(state, strict=True)
+    return heads.to(next(iter(state.values())).dtype).eval()
+
+
+def is_head_tensor(exported_name: str) -> bool:
+    return exported_name.startswith(tuple(EXPORT_NAMES.values()))
+
+
+def check_exported_heads(tensors: Dict[str, Tensor], config: Dict[str, Any], heads: Optional[DSparkHeads],
+                         markov_rank: int, confidence_head: bool) -> List[str]:
+    """Load-back problems of an export's DSpark part: its config fields, and head tensors read back bit-identical."""
+    expected_config = export_config(markov_rank, confidence_head)
+    problems = [f"{key} is {config.get(key)!r}, checkpoint has {value!r}"
+                for key, value in expected_config.items() if config.get(key) != value]
+    if heads is not None and not problems:
+        expected = export_tensors(heads)
+        loaded = export_tensors(heads_from_export(tensors, config))
+        changed = [name for name, tensor in expected.items() if not torch.equal(loaded[name], tensor)]
+        if changed:
+            problems.append(f"head tensors differ after the round trip: {changed}")
+    return problems
 
 
 def heads_from_checkpoint(checkpoint: Dict[str, Any]) -> Optional[DSparkHeads]:
@@ -125,7 +163,7 @@ def heads_from_checkpoint(checkpoint: Dict[str, Any]) -> Optional[DSparkHeads]:
     rank = checkpoint["dflashtrain"].get("heads", {}).get("markov_rank", 0)
     if not rank:
         return None
-    state = {k[len("heads."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("heads.")}
+    state = _renamed(checkpoint["state_dict"], {"heads.": ""})
     vocab_size = state["markov.embed.weight"].shape[0]
     hidden_size = checkpoint["dflashtrain"]["geometry"]["hidden_size"]
     heads = DSparkHeads(vocab_size, hidden_size, rank, confidence="confidence.weight" in state)
