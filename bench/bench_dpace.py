@@ -22,7 +22,8 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dflashtrain.config import register_configs, validate
+from dflashtrain.config import register_configs
+from dflashtrain.checks import validate
 from dflashtrain.data.datamodule import ChatDataModule
 from dflashtrain.models.dflash import DFlashDrafter
 from dflashtrain.module import DraftModule

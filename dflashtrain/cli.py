@@ -24,7 +24,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from dflashtrain.config import ConfigError, register_configs, validate  # noqa: E402
+from dflashtrain.checks import validate  # noqa: E402
+from dflashtrain.config import ConfigError, register_configs  # noqa: E402
 from dflashtrain.data.chat import BadRowError  # noqa: E402  (light: importing it loads no torch)
 
 register_configs()

@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from dflashtrain.config import ConfigError, validate, validate_against_target
+from dflashtrain.config import ConfigError
+from dflashtrain.checks import validate, validate_against_target
 from dflashtrain.data.datamodule import ChatDataModule
 from dflashtrain.guards import NonFiniteGuard, check_checkpoint_dir, check_resume_matches
 from dflashtrain.models.dflash import DFlashDrafter

@@ -24,8 +24,8 @@ from omegaconf import OmegaConf
 
 import dflashtrain
 from dflashtrain.cli import one_line, user_error
-from dflashtrain.config import (LOSS_SCHEMAS, ConfigError, TrainConfig, register_configs, validate,
-                                validate_against_target)
+from dflashtrain.checks import validate, validate_against_target
+from dflashtrain.config import LOSS_SCHEMAS, ConfigError, TrainConfig, register_configs
 from dflashtrain.target import load_target_config
 
 register_configs()

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from dflashtrain.config import ConfigError, register_configs, validate
+from dflashtrain.config import ConfigError, register_configs
+from dflashtrain.checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -259,7 +259,8 @@ def test_loss_dspark_composes_the_whole_method():
     ],
 )
 def test_contradictions_fail_at_validation_naming_the_key(overrides, key, tmp_path):
-    from dflashtrain.config import ConfigError, validate
+    from dflashtrain.checks import validate
+    from dflashtrain.config import ConfigError
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "train.jsonl").write_text("")
@@ -271,7 +272,7 @@ def test_contradictions_fail_at_validation_naming_the_key(overrides, key, tmp_pa
 
 
 def test_no_confidence_head_without_its_loss_weight(tmp_path):
-    from dflashtrain.config import validate
+    from dflashtrain.checks import validate
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "train.jsonl").write_text("")

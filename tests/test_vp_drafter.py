@@ -19,7 +19,8 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dflashtrain.config import DEFAULT_PREFIX_WEIGHT_BASE, ConfigError, MaskMode, TargetKind, register_configs, validate
+from dflashtrain.config import DEFAULT_PREFIX_WEIGHT_BASE, ConfigError, MaskMode, TargetKind, register_configs
+from dflashtrain.checks import validate
 from dflashtrain.data.blocks import make_blocks
 from dflashtrain.objectives.core import SlotChunk
 from dflashtrain.objectives.vp import (
