@@ -57,3 +57,16 @@ def tiny_data(tmp_path):
 def clean_dir(tmp_path):
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def write_count_up_chats(path, rows: int):
+    """A small valid chat JSONL: `rows` count-up tasks of 21 numbers each. Returns the path."""
+    import json
+
+    lines = [
+        {"messages": [{"role": "user", "content": f"Count up from {i} to {i + 20} ."},
+                      {"role": "assistant", "content": " ".join(map(str, range(i, i + 21))) + " ."}]}
+        for i in range(rows)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

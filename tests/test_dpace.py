@@ -305,11 +305,9 @@ def test_chunked_equals_unchunked():
 # ------------------------------------------------------------------------------------------------------- CLI
 @pytest.fixture
 def cli(tmp_path):
-    """Runs the console script on the embedded tiny target with 64 rows of its data; skipped until they are built."""
-    from dflashtrain.assets import TINY_TARGET_DIR, TINY_TRAIN_JSONL
+    """Runs the console script on the embedded tiny target with 64 rows of its data."""
+    from dflashtrain.assets import TINY_TRAIN_JSONL
 
-    if not (Path(TINY_TARGET_DIR, "config.json").is_file() and Path(TINY_TRAIN_JSONL).is_file()):
-        pytest.skip("embedded tiny target/data not built yet")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(Path(TINY_TRAIN_JSONL).read_text().splitlines(keepends=True)[:64]))
 

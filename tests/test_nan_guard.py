@@ -3,7 +3,6 @@ and leaves a checkpoint of the last good weights; no checkpoint ever holds the b
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from conftest import write_count_up_chats
 from dflashtrain.assets import TINY_TARGET_DIR
 from dflashtrain.config import register_configs
 from dflashtrain.guards import NonFiniteLossError, unused_path
@@ -21,8 +21,7 @@ from dflashtrain.module import DraftModule
 from dflashtrain.train import run
 
 # Until the embedded tiny target is committed, its untrained stand-in (same tokenizer) is used.
-TARGET = next((p for p in (TINY_TARGET_DIR, Path("/tmp/quick_target")) if (p / "config.json").is_file()), None)
-pytestmark = pytest.mark.skipif(TARGET is None, reason="no tiny target (dflashtrain/assets/tiny/target)")
+TARGET = TINY_TARGET_DIR
 register_configs()
 BAD_STEP = 2  # global_step at which the loss (or gradient) turns non-finite: 2 good optimizer steps before it
 
@@ -30,11 +29,7 @@ BAD_STEP = 2  # global_step at which the loss (or gradient) turns non-finite: 2 
 @pytest.fixture
 def data(tmp_path) -> Path:
     path = tmp_path / "train.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Count up from {i} to {i + 20} ."},
-                          {"role": "assistant", "content": " ".join(map(str, range(i, i + 21))) + " ."}]}
-            for i in range(24)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_count_up_chats(path, 24)
 
 
 def overrides(data: Path, out: Path, *extra: str):

@@ -7,7 +7,6 @@ Tests run as root, where file modes do not stop writes: "unwritable" here is a p
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
@@ -15,25 +14,21 @@ import torch
 from hydra import compose, initialize_config_module
 
 import dflashtrain.train as train_module
+from conftest import write_count_up_chats
 from dflashtrain.assets import TINY_TARGET_DIR
 from dflashtrain.config import ConfigError, register_configs
 from dflashtrain.guards import check_checkpoint_dir
 from dflashtrain.train import check_output_dir, run
 
 # Until the embedded tiny target is committed, its untrained stand-in (same tokenizer) is used.
-TARGET = next((p for p in (TINY_TARGET_DIR, Path("/tmp/quick_target")) if (p / "config.json").is_file()), None)
-needs_target = pytest.mark.skipif(TARGET is None, reason="no tiny target (dflashtrain/assets/tiny/target)")
+TARGET = TINY_TARGET_DIR
 register_configs()
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Count up from {i} to {i + 20} ."},
-                          {"role": "assistant", "content": " ".join(map(str, range(i, i + 21))) + " ."}]}
-            for i in range(16)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_count_up_chats(path, 16)
 
 
 def config(data: Path, out: Path, *extra: str):
@@ -57,7 +52,6 @@ def test_a_path_under_a_regular_file_is_refused(tmp_path):
         assert info.value.key == "paths.output_dir" and str(path) in str(info.value)
 
 
-@needs_target
 def test_unwritable_output_dir_fails_before_tokenizer_data_or_weights(data, tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("reached after an unwritable output dir")
@@ -97,7 +91,6 @@ def first_run(data, tmp_path_factory) -> Path:
     return first
 
 
-@needs_target
 def test_no_run_touches_another_runs_checkpoints(data, first_run, tmp_path):
     first = first_run
     before = fingerprints(first / "checkpoints")
@@ -117,7 +110,6 @@ def test_no_run_touches_another_runs_checkpoints(data, first_run, tmp_path):
     assert resumed["global_step"] == 3
 
 
-@needs_target
 def test_resume_with_another_geometry_is_refused_before_loading(data, first_run, tmp_path):
     first = first_run
     with pytest.raises(ConfigError, match=r"^resume_from: .* block_size=8, this config gives 6"):
