@@ -19,15 +19,16 @@ from typing import Dict, List
 import lightning as L
 import torch
 from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from dflashtrain.config import register_configs
-from dflashtrain.checks import validate
+from dflashtrain.config.checks import validate
+from dflashtrain.config.schema import register_configs
 from dflashtrain.data.datamodule import ChatDataModule
+from dflashtrain.families import get_family
 from dflashtrain.models.dflash import DFlashDrafter
-from dflashtrain.module import DraftModule
-from dflashtrain.target import FrozenTarget, drafter_geometry, load_target_config, load_tokenizer, resolve_mask_token_id
+from dflashtrain.models.target import FrozenTarget, drafter_geometry, load_target_config, load_tokenizer, resolve_mask_token_id
+from dflashtrain.objectives import build_objective
+from dflashtrain.train.module import DraftModule
 
 OBJECTIVES = ("decay", "dpace")
 
@@ -39,16 +40,18 @@ def compose_config(loss: str, overrides: List[str]) -> DictConfig:
     return cfg
 
 
-def build_module(cfg: DictConfig, device: torch.device) -> DraftModule:
-    """The training module as `dflashtrain` builds it (objective swapped in later), with a CPU/GPU trainer."""
+def build_module(cfg: DictConfig, objective, device: torch.device) -> DraftModule:
+    """The training module as `dflashtrain` builds it (the objective is swapped later), with a CPU/GPU trainer."""
     target_config = load_target_config(cfg.model.target.path)
     tokenizer = load_tokenizer(cfg.model.target.path)
     mask_id = resolve_mask_token_id(cfg.model.drafter.mask_token_id, tokenizer, target_config.vocab_size)
     geometry = drafter_geometry(target_config, cfg.model.drafter, mask_id)
     target = FrozenTarget.load(cfg.model.target.path, cfg.model.target.dtype, geometry.target_layer_ids)
-    module = DraftModule(drafter=DFlashDrafter(geometry), target=target, objective=None, optimizer=None,
-                         lr_factor=None, num_anchors=cfg.data.num_anchors,
-                         chunk_blocks=cfg.model.drafter.logits_chunk_blocks, attention=cfg.model.drafter.attention)
+    module = DraftModule(drafter=DFlashDrafter(geometry), heads=None, target=target, objective=objective,
+                         family=get_family(objective.family), optimizer=None, lr_factor=None,
+                         num_anchors=cfg.data.num_anchors, chunk_blocks=cfg.model.drafter.logits_chunk_blocks,
+                         attention=cfg.model.drafter.attention, seed=cfg.seed, max_length=cfg.data.max_length,
+                         checkpoint_metadata={})
     module.to(device)
     module.target.to(device)
     module.trainer = L.Trainer(accelerator=device.type, devices=1, logger=False, enable_checkpointing=False,
@@ -60,15 +63,15 @@ def first_batch(cfg: DictConfig, tokenizer, device: torch.device) -> Dict[str, t
     data = ChatDataModule(tokenizer=tokenizer, path=cfg.data.path, max_length=cfg.data.max_length,
                           min_supervised_tokens=2 * cfg.model.drafter.block_size, batch_size=cfg.data.batch_size,
                           num_workers=0, shuffle=False, on_bad_row=cfg.data.on_bad_row,
-                          pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+                          pad_to_multiple_of=cfg.data.pad_to_multiple_of, seed=cfg.seed)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    return {name: value.to(device) for name, value in batch.items()}
+    return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
 
 
 def timed_step(module: DraftModule, batch: Dict[str, torch.Tensor], seed: int) -> float:
     module.drafter.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # the same anchors for both objectives
+    module.seed = seed  # the same anchors for both objectives (they are drawn from the seed and the row)
     sync = torch.cuda.synchronize if module.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -96,10 +99,10 @@ def main() -> None:
     overrides += [f"model.target.path={args.target}"] if args.target else []
     overrides += [f"data.path={args.data}"] if args.data else []
     configs = {name: compose_config(name, overrides) for name in OBJECTIVES}
-    objectives = {name: instantiate(cfg.loss, _convert_="object") for name, cfg in configs.items()}
+    objectives = {name: build_objective(OmegaConf.to_object(cfg.loss)) for name, cfg in configs.items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    module, tokenizer = build_module(configs["decay"], device)
+    module, tokenizer = build_module(configs["decay"], objectives["decay"], device)
     batch = first_batch(configs["decay"], tokenizer, device)
 
     times: Dict[str, List[float]] = {name: [] for name in OBJECTIVES}

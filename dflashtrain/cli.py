@@ -24,8 +24,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from dflashtrain.checks import validate  # noqa: E402
-from dflashtrain.config import ConfigError, register_configs  # noqa: E402
+from dflashtrain.config.checks import validate  # noqa: E402
+from dflashtrain.config.schema import ConfigError, register_configs  # noqa: E402
 from dflashtrain.data.chat import BadRowError  # noqa: E402  (light: importing it loads no torch)
 
 register_configs()
@@ -39,10 +39,10 @@ def exit_code(error: BaseException) -> Optional[int]:
     if isinstance(error, (ConfigError, BadRowError, ConfigCompositionException, OverrideParseException,
                           OmegaConfBaseException)):
         return CONFIG_EXIT
-    guards = sys.modules.get("dflashtrain.guards")  # a NonFiniteLossError exists only once training has started
+    guards = sys.modules.get("dflashtrain.train.guards")  # NonFiniteLossError exists once training has started
     if guards is not None and isinstance(error, guards.NonFiniteLossError):
         return DIVERGED_EXIT
-    export = sys.modules.get("dflashtrain.export")
+    export = sys.modules.get("dflashtrain.export.hf")
     if export is not None and isinstance(error, export.ExportCheckError):
         return EXPORT_CHECK_EXIT
     return None
@@ -108,10 +108,10 @@ def console_entry(app: Callable[[], None]) -> Callable[[], None]:
 def _train(cfg: DictConfig) -> None:
     """`dflashtrain [overrides]`: train a drafter."""
     with reported_errors():  # inside the app: Hydra would add its own line to an error that leaves it
-        validate(cfg)  # a bad value fails here, before torch and Lightning are even imported
-        from dflashtrain.train import run
+        validate(cfg)  # a bad value fails here, before Lightning is even imported
+        from dflashtrain.train.recipe import fit
 
-        run(cfg)
+        fit(cfg)
 
 
 train = console_entry(_train)
@@ -121,18 +121,19 @@ train = console_entry(_train)
 def _evaluate(cfg: DictConfig) -> None:
     """`dflashtrain-eval [overrides]`: τ, acceptance and speedup of a trained drafter by speculative decoding."""
     with reported_errors():
-        from dflashtrain.evaluate import run
+        from dflashtrain.inference.evaluate import run
 
         run(cfg)
 
 
 @hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="export")
 def _export(cfg: DictConfig) -> None:
-    """`dflashtrain-export [overrides]`: a training checkpoint -> the DFlash HF directory, checked by load-back."""
+    """`dflashtrain-export [overrides]`: a training checkpoint -> the HF drafter directory, checked by load-back."""
     with reported_errors():
         from pathlib import Path
 
-        from dflashtrain.export import export, resolve_checkpoint
+        from dflashtrain.export.checkpoint import resolve_checkpoint
+        from dflashtrain.export.hf import export
 
         export(resolve_checkpoint(cfg.ckpt_path), Path(cfg.output_dir), cfg.target_path, cfg.dtype, cfg.overwrite)
 

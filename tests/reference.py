@@ -1,4 +1,4 @@
-"""Slow, naive references written from SPEC §2–§3 and §7 in plain Python loops.
+"""Slow, naive references written from docs/conventions.md and docs/objectives.md in plain Python loops.
 
 Nothing here imports the code under test: every expectation in the core tests comes either from a hand-computed
 tensor or from one of these per-element loops.
@@ -14,7 +14,7 @@ import torch
 Nested = List
 
 
-# --------------------------------------------------------------------------------------------- blocks (SPEC §2.1)
+# --------------------------------------------------------------------------------------------- blocks (docs/conventions.md, labels)
 def ref_blocks(
     input_ids: Sequence[Sequence[int]],
     loss_mask: Sequence[Sequence[int]],
@@ -61,7 +61,7 @@ def ref_candidates(loss_mask_row: Sequence[int]) -> List[int]:
     return [a for a in range(len(loss_mask_row) - 1) if loss_mask_row[a] == 1 and loss_mask_row[a + 1] == 1]
 
 
-# ------------------------------------------------------------------------------------------- masks (SPEC §2 step 5)
+# ------------------------------------------------------------------------------------------- masks (docs/architecture.md, attention rule)
 def ref_visible(anchors: Sequence[int], keep: Sequence[bool], seq_len: int, block_size: int, q: int, kv: int) -> bool:
     block = q // block_size
     if not keep[block]:
@@ -107,7 +107,7 @@ def ref_attention(query, key, value, anchors, keep, seq_len: int, block_size: in
     return out
 
 
-# -------------------------------------------------------------------------------------------- objective (SPEC §3)
+# -------------------------------------------------------------------------------------------- objective (docs/objectives.md, decay)
 def ref_log_softmax(row: Sequence[float]) -> List[float]:
     top = max(row)
     lse = top + math.log(sum(math.exp(x - top) for x in row))

@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
-from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 import dflashtrain
 from dflashtrain.cli import one_line, user_error
-from dflashtrain.checks import validate, validate_against_target
-from dflashtrain.config import LOSS_SCHEMAS, ConfigError, TrainConfig, register_configs
-from dflashtrain.target import load_target_config
+from dflashtrain.config.checks import validate, validate_against_target
+from dflashtrain.config.schema import LOSS_SCHEMAS, ConfigError, TrainConfig, register_configs
+from dflashtrain.models.target import load_target_config
+from dflashtrain.objectives import build_objective, objective_class
 
 register_configs()
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -64,7 +64,7 @@ def compose_train(overrides):
 
 
 def checks_before_weights(cfg) -> None:
-    """What `dflashtrain.train.run` checks before it reads a tokenizer or a weight."""
+    """What `dflashtrain.train.recipe.run` checks before it reads a tokenizer or a weight."""
     validate(cfg)
     validate_against_target(cfg, load_target_config(cfg.model.target.path))
 
@@ -93,7 +93,10 @@ CASES = [
     (["loss=dspark", "model.drafter.markov_rank=0"], "model.drafter.markov_rank"),  # confidence head without W1
     (["loss=dpace", "loss.alpha=0"], "loss.alpha"),
     (["loss=vp_drafter", "loss.prefix_weight_base=0"], "loss.prefix_weight_base"),
-    (["loss=dpace", "loss._target_=dflashtrain.objectives.decay.DecayObjective"], "loss._target_"),  # wrong objective
+    (["+loss.typo=1"], "loss.typo"),  # a `+` key inside a typed group is still unknown
+    (["+data.typo=1"], "data.typo"),
+    (["+model.drafter.typo=1"], "model.drafter.typo"),
+    (["+loss.foo._target_=builtins.print", "+loss.foo._args_=[X]"], "loss.foo"),  # nothing is instantiated from keys
     (["model.drafter.mask_token_id=999"], "model.drafter.mask_token_id"),  # beyond the vocabulary (384)
     (["model.drafter.mask_token_id=345"], "model.drafter.mask_token_id"),  # the target's eos token
     (["model.drafter.target_layer_ids=[1,3,7]"], "model.drafter.target_layer_ids"),  # the last layer (post-norm)
@@ -158,14 +161,17 @@ def test_valid_base_passes_the_checks(inputs, tmp_path):
 
 # ------------------------------------------------------------------------------------ no key goes unread
 def test_every_loss_schema_field_is_a_constructor_argument():
-    """instantiate(cfg.loss) passes every schema field to `_target_`: a field the class stopped taking fails
-    instantiation, and a constructor argument without a field would be a second default (not allowed)."""
+    """build_objective passes every schema field to the objective class: a field the class stopped taking fails the
+    build, and a constructor argument without a field would be a second default (not allowed: no defaults)."""
     for name, schema in LOSS_SCHEMAS.items():
-        objective = get_class(schema._target_)
-        parameters = set(inspect.signature(objective.__init__).parameters) - {"self"}
-        fields = {f.name for f in dataclasses.fields(schema)} - {"_target_"}
+        objective = objective_class(schema)
+        signature = inspect.signature(objective.__init__)
+        parameters = set(signature.parameters) - {"self"}
+        fields = {f.name for f in dataclasses.fields(schema)}
         assert fields == parameters, f"loss={name}: schema {sorted(fields)} vs {objective.__name__}{sorted(parameters)}"
-        assert objective.name == name and objective.label_offset in (0, 1)
+        defaults = [p for p in parameters if signature.parameters[p].default is not inspect.Parameter.empty]
+        assert not defaults, f"{objective.__name__} has defaults of its own for {defaults}: the schema holds them"
+        assert objective.name == name
 
 
 def test_every_loss_file_is_typed_by_its_schema(inputs, tmp_path):
@@ -174,15 +180,16 @@ def test_every_loss_file_is_typed_by_its_schema(inputs, tmp_path):
     for name in files:
         cfg = compose_train([*base_overrides(inputs, tmp_path), f"loss={name}"])
         assert OmegaConf.get_type(cfg.loss) is LOSS_SCHEMAS[name]
-        objective = instantiate(cfg.loss, _convert_="object")
-        assert type(objective) is get_class(LOSS_SCHEMAS[name]._target_)
+        objective = build_objective(OmegaConf.to_object(cfg.loss))
+        assert type(objective) is objective_class(LOSS_SCHEMAS[name]) and objective.name == name
 
 
-def test_a_stale_key_fails_instantiation():
-    """The mechanism the two tests above rely on: an argument the objective does not take is an error."""
-    stale = OmegaConf.create({"_target_": LOSS_SCHEMAS["decay"]._target_, "gamma": 4.0, "prefix_weight_base": 0.9})
-    with pytest.raises(Exception, match="prefix_weight_base"):
-        instantiate(stale)
+def test_a_stale_schema_field_fails_the_build():
+    """The mechanism the two tests above rely on: a field the objective does not take is an error."""
+    stale_schema = dataclasses.make_dataclass("Stale", [("prefix_weight_base", float, 0.9)],
+                                              bases=(LOSS_SCHEMAS["decay"],))
+    with pytest.raises(TypeError, match="prefix_weight_base"):
+        build_objective(stale_schema(gamma=4.0))
 
 
 def schema_leaves(cls, prefix=()):
@@ -196,10 +203,10 @@ def schema_leaves(cls, prefix=()):
 
 
 def attribute_reads():
-    """(owner identifier, attribute) for every `x.attr` in the package outside config.py (code only, no strings)."""
+    """(owner identifier, attribute) for every `x.attr` in the package outside the schema (code only, no strings)."""
     reads = set()
     for path in Path(dflashtrain.__file__).parent.rglob("*.py"):
-        if path.name == "config.py":
+        if path.name == "schema.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute):

@@ -13,7 +13,7 @@ import pytest
 
 from dflashtrain.assets import TINY_TARGET_DIR
 from dflashtrain.data.datamodule import BadRowError, ChatDataModule, DataSummary, tokenize_rows
-from dflashtrain.target import load_tokenizer
+from dflashtrain.models.target import load_tokenizer
 
 # Until the embedded tiny target is committed, its untrained stand-in (same tokenizer) is used.
 TARGET = TINY_TARGET_DIR
@@ -42,7 +42,7 @@ BAD_ROWS = {
     # 201 tokens: cut to 128, the answer is gone (fewer than 2·B supervised tokens remain)
     "over max_length": json.dumps(chat("Repeat : " + " ".join(["7"] * 150) + " .", COUNT)).encode(),
 }
-TOO_SHORT = json.dumps(chat("Count up from 1 to 2 .", "1 2 .")).encode()  # dropped and counted (SPEC §2)
+TOO_SHORT = json.dumps(chat("Count up from 1 to 2 .", "1 2 .")).encode()  # dropped and counted (docs/conventions.md)
 TRUNCATED = json.dumps(chat("Count up from 1 to 200 .", " ".join(map(str, range(1, 201))))).encode()  # kept, cut
 GOOD = [json.dumps(chat(f"Count up from {i} to {i + 29} .", COUNT)).encode() for i in range(12)]
 
@@ -70,7 +70,8 @@ def tokenizer():
 
 
 def datamodule(tokenizer, path, policy) -> ChatDataModule:
-    return ChatDataModule(tokenizer, str(path), MAX_LENGTH, 2 * BLOCK, batch_size=4, on_bad_row=policy)
+    return ChatDataModule(tokenizer, str(path), MAX_LENGTH, 2 * BLOCK, batch_size=4, num_workers=0, shuffle=True,
+                          on_bad_row=policy, pad_to_multiple_of=1, seed=0)
 
 
 def test_skip_drops_and_counts_each_kind(tokenizer, tmp_path):

@@ -1,4 +1,4 @@
-"""Anchors, block inputs, positions and labels (SPEC §2 steps 3–4, §2.1, §2.2) against naive references."""
+"""Anchors, block inputs, positions and labels (docs/architecture.md, docs/conventions.md) against naive references."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Chunked LM head + objective equals unchunked: loss terms, sums, counts and gradients (SPEC §2 "Memory")."""
+"""Chunked LM head + objective equals unchunked: loss terms, sums, counts and gradients (docs/architecture.md, memory)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from dflashtrain.config import MaskMode, TargetKind
+from factories import make_objective
+from dflashtrain.config.schema import MaskMode, TargetKind
 from dflashtrain.data.blocks import make_blocks, sample_anchors
 from dflashtrain.models.dflash import DFlashDrafter, DrafterGeometry
 from dflashtrain.models.masks import AnchorAttentionMask
 from dflashtrain.objectives.chunked import chunked_objective, teacher_logits
-from dflashtrain.objectives.core import SlotChunk
+from dflashtrain.objectives.protocol import SlotChunk
 from dflashtrain.objectives.decay import DecayObjective
 from reference import ref_tau_block
 
@@ -79,7 +80,7 @@ CASES = [("hard", "independent"), ("hard", "cumulative"), ("kd", "independent")]
 @pytest.mark.parametrize("target,mode", CASES)
 def test_chunked_equals_unchunked(target, mode):
     setup = Setup()
-    objective = DecayObjective(gamma=4.0, mask_mode=MaskMode(mode), target=TargetKind(target))
+    objective = make_objective("decay", gamma=4.0, mask_mode=MaskMode(mode), target=TargetKind(target))
     kd = target == "kd"
     base_total, base_counts, base_hgrad, base_grads, hidden = _run(setup, objective, NUM_ANCHORS, False, kd)
 
@@ -131,7 +132,7 @@ def test_chunked_equals_unchunked(target, mode):
 def test_chunked_gradient_wrt_leaf_hidden():
     """With a leaf hidden tensor (no drafter), chunked + checkpointed gradients equal the unchunked ones."""
     setup = Setup(label_offset=1)
-    objective = DecayObjective(gamma=7.0)
+    objective = make_objective("decay", gamma=7.0)
     gen = torch.Generator().manual_seed(9)
     base = torch.randn(2, NUM_ANCHORS, BLOCK, HIDDEN, generator=gen)
     results = []

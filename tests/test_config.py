@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from dflashtrain.config import ConfigError, register_configs
-from dflashtrain.checks import validate
+from dflashtrain.config.schema import LOSS_SCHEMAS, ConfigError, register_configs
+from dflashtrain.config.checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -56,8 +56,24 @@ def test_default_composes_and_resolves():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_group_option_composes(group, option):
-    cfg = resolved(compose_train([f"{group}={option}", *REQUIRED.get((group, option), [])]))
-    assert group in cfg
+    """Each option composes, resolves, and is the one chosen (its name, or for a loss its schema)."""
+    composed = compose_train([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    if group == "loss":
+        assert OmegaConf.get_type(composed.loss) is LOSS_SCHEMAS[option]
+    cfg = resolved(composed)
+    if group != "loss":
+        assert cfg[group]["name"] == option
+
+
+@pytest.mark.parametrize("block_size,gamma", [(16, 7.0), (10, 5.0), (8, 4.0), (12, 5.25)])
+@pytest.mark.parametrize("loss", ["decay", "vp_drafter"])
+def test_decay_gamma_follows_the_block_size_into_the_objective(loss, block_size, gamma):
+    """The published γ per block size (docs/objectives.md), from the schema to the built objective."""
+    from dflashtrain.objectives import build_objective
+
+    cfg = compose_train([f"loss={loss}", f"model.drafter.block_size={block_size}"])
+    assert build_objective(OmegaConf.to_object(cfg.loss)).gamma == gamma
+    assert build_objective(OmegaConf.to_object(compose_train([f"loss={loss}", "loss.gamma=2"]).loss)).gamma == 2.0
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])

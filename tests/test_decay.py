@@ -1,4 +1,4 @@
-"""Objective ``decay`` (SPEC §3) and the shared per-slot pieces, against the SPEC vector and naive loops."""
+"""Objective ``decay`` (docs/objectives.md, decay) and the shared per-slot pieces, against the decay vector and naive loops."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from dflashtrain.config import MaskMode, TargetKind
-from dflashtrain.objectives.core import SlotChunk, cumulative_mask, supervision_mask
+from factories import make_objective
+from dflashtrain.config.schema import MaskMode, TargetKind
+from dflashtrain.objectives.protocol import SlotChunk
+from dflashtrain.objectives.slots import cumulative_mask, supervision_mask
 from dflashtrain.objectives.decay import DecayObjective
 from dflashtrain.objectives.weights import decay_weights, first_drafted_offsets
 from reference import ref_ce, ref_decay_weight, ref_soft_ce, ref_softmax, ref_supervision
@@ -132,7 +134,7 @@ def test_decay_objective_matches_naive_loop(target, mode, gamma):
     seed = ["hard", "kd"].index(target) * 4 + ["independent", "cumulative"].index(mode) * 2 + (gamma is None)
     chunk = _random_chunk(seed=seed, with_teacher=target == "kd")
     chunk.logits.requires_grad_(True)
-    objective = DecayObjective(gamma=gamma, mask_mode=MaskMode(mode), target=TargetKind(target))
+    objective = make_objective("decay", gamma=gamma, mask_mode=MaskMode(mode), target=TargetKind(target))
     assert objective.label_offset == 0
     assert objective.needs_teacher == (target == "kd")
     out = objective(chunk)
@@ -150,20 +152,20 @@ def test_decay_objective_matches_naive_loop(target, mode, gamma):
 def test_cumulative_differs_from_independent_on_holes():
     chunk = _random_chunk(seed=1)
     assert (cumulative_mask(chunk.valid, chunk.drafted) != chunk.valid).any()  # the case is not trivial
-    ind = DecayObjective(gamma=4.0, mask_mode=MaskMode.independent)(chunk)
-    cum = DecayObjective(gamma=4.0, mask_mode=MaskMode.cumulative)(chunk)
+    ind = make_objective("decay", gamma=4.0, mask_mode=MaskMode.independent)(chunk)
+    cum = make_objective("decay", gamma=4.0, mask_mode=MaskMode.cumulative)(chunk)
     assert cum.token_sum.item() < ind.token_sum.item()
 
 
 def test_spec_vector_through_the_objective():
-    """All slots valid: Σ w·m per slot over 3 blocks is 3 × the SPEC vector; the loss is the weighted mean."""
+    """All slots valid: Σ w·m per slot over 3 blocks is 3 × the decay vector; the loss is the weighted mean."""
     block_size, vocab = 8, 5
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 3, block_size, vocab, generator=gen)
     labels = torch.randint(0, vocab, (1, 3, block_size), generator=gen)
     drafted = _dflash_drafted(block_size, 3).unsqueeze(0)
     chunk = SlotChunk(logits=logits, labels=labels, valid=drafted.clone(), drafted=drafted)
-    out = DecayObjective(gamma=4.0)(chunk)
+    out = make_objective("decay", gamma=4.0)(chunk)
     expected = torch.tensor([0.0] + [3 * w for w in SPEC_VECTOR])
     torch.testing.assert_close(out.slot_weight_sum, expected, rtol=0, atol=1e-5)
     assert abs(out.weight_sum.item() - 3 * sum(SPEC_VECTOR)) < 1e-5
@@ -175,7 +177,7 @@ def test_unsupervised_slots_with_nonfinite_loss_do_not_poison_the_sums():
     """Σ w·m·ℓ must leave masked slots out entirely (0·inf would be NaN), e.g. an out-of-range label's slot."""
     chunk = _random_chunk(seed=4)
     chunk.logits[~chunk.valid] = float("inf")  # CE there is NaN
-    out = DecayObjective(gamma=4.0)(chunk)
+    out = make_objective("decay", gamma=4.0)(chunk)
     assert torch.isfinite(out.terms["ce"]) and torch.isfinite(out.weight_sum)
     num, den, _, _, _ = _naive(
         SlotChunk(logits=chunk.logits.masked_fill(~chunk.valid.unsqueeze(-1), 0.0), labels=chunk.labels,

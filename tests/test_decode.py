@@ -1,4 +1,4 @@
-"""Speculative decoding (SPEC §8): the cached drafter equals the training forward, greedy speculative output equals
+"""Speculative decoding (docs/decoding.md): the cached drafter equals the training forward, greedy speculative output equals
 plain greedy decoding token for token (random drafter: rejections; forced drafter: full acceptance, a stop token
 mid-block), and sampling at T > 0 is lossless (chi-square against the target's exact distribution)."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from dflashtrain.decode import (
+from dflashtrain.inference.decode import (
     DFlashProposer,
     PlainDecoding,
     Proposal,
@@ -21,7 +21,7 @@ from dflashtrain.decode import (
 )
 from dflashtrain.models.dflash import ContextCache, DFlashDrafter, DrafterGeometry
 from dflashtrain.models.masks import AnchorAttentionMask
-from dflashtrain.target import FrozenTarget
+from dflashtrain.models.target import FrozenTarget
 
 PROMPTS = [[1, 7, 3, 9, 4], [2, 2, 8], [5, 11, 13, 6, 1, 0, 12]]
 
@@ -144,7 +144,7 @@ def test_stop_token_from_the_prefill_ends_before_any_round(target):
 
 
 def test_acceptance_stats_by_hand():
-    from dflashtrain.decode import Generation
+    from dflashtrain.inference.decode import Generation
 
     stats = acceptance_stats([Generation(tokens=[], accepted=[0, 3, 1]), Generation(tokens=[], accepted=[3])], 4)
     assert stats["tau"] == pytest.approx((1 + 4 + 2 + 4) / 4)
@@ -245,7 +245,7 @@ def test_sampling_verify_with_deterministic_drafts_keeps_the_target_marginal():
 
 # ---------------------------------------------------------------------------------------------- D²SD rows
 def test_d2sd_with_random_drafters_equals_plain_decoding(target):
-    from dflashtrain.decode import D2SDProposer
+    from dflashtrain.inference.decode import D2SDProposer
 
     wins = 0
     for prompt in PROMPTS:
@@ -260,7 +260,7 @@ def test_d2sd_with_random_drafters_equals_plain_decoding(target):
 def test_d2sd_commits_the_branch_row_when_the_main_draft_fails(target):
     """Main draft wrong at slot 2 (the right token its second choice, low confidence there); the VP drafter
     continues right: every full round commits branch row 1 with all B-1 drafts accepted."""
-    from dflashtrain.decode import D2SDProposer
+    from dflashtrain.inference.decode import D2SDProposer
 
     prompt, block = PROMPTS[2], 4
     reference = plain(target, prompt, max_new_tokens=40).tokens

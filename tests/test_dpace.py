@@ -1,10 +1,11 @@
-"""Objective ``dpace`` (SPEC §4): every SPEC vector, a float64 loop oracle, the derivative identity, gradients,
+"""Objective ``dpace`` (docs/objectives.md, dpace): every vector there, a float64 loop oracle, the derivative identity, gradients,
 reductions, chunking, and the CLI."""
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from dflashtrain.config import ConfigError, DPaceLossConfig, DPaceMode, MaskMode, Reduction, TargetKind
+from factories import make_module, make_objective
+from dflashtrain.config.schema import ConfigError, DPaceLossConfig, DPaceMode, MaskMode, Reduction, TargetKind
 from dflashtrain.data.blocks import make_blocks, sample_anchors
-from dflashtrain.module import DraftModule
 from dflashtrain.objectives.chunked import chunked_objective
-from dflashtrain.objectives.core import SlotChunk
+from dflashtrain.objectives.protocol import SlotChunk
 from dflashtrain.objectives.dpace import DPaceObjective
 from dflashtrain.objectives.weights import dpace_raw_weights, dpace_weights
 from reference import ref_ce, ref_soft_ce, ref_softmax, ref_supervision
@@ -33,7 +34,7 @@ def _weights(conf, valid=None, alpha=0.5, mode="full", raw=False):
 
 
 def naive_weights(conf, valid, alpha, mode):
-    """SPEC §4 per element in float64 Python loops, one block: list of L confidences -> list of L weights."""
+    """The D-PACE weights per element in float64 Python loops, one block: list of L confidences -> list of L weights."""
     length = len(conf)
     q_tilde = [alpha + (1 - alpha) * conf[j] if valid[j] else 1.0 for j in range(length)]
     cumulative = []
@@ -50,7 +51,7 @@ def naive_weights(conf, valid, alpha, mode):
     return out
 
 
-# ------------------------------------------------------------------------------------------------ SPEC vectors
+# ------------------------------------------------------------------------------------------------ the vectors of docs/objectives.md
 @pytest.mark.parametrize("conf,alpha,expected", [
     ([0.8, 0.5], 0.5, [1.575, 0.675]),
     ([0.9, 0.6, 0.3, 0.8], 0.5, [2.6486, 1.6986, 0.9386, 0.4446]),
@@ -211,7 +212,7 @@ def _naive_grad(chunk: SlotChunk, wm: torch.Tensor, denominator: float, target: 
 ])
 def test_objective_matches_naive_loop_value_and_gradient(target, mask_mode, mode, reduction):
     chunk = _random_chunk(seed=len(target) + 3 * len(mode) + len(reduction), with_teacher=target == "kd")
-    objective = DPaceObjective(alpha=0.5, mode=DPaceMode(mode), reduction=Reduction(reduction),
+    objective = make_objective("dpace", alpha=0.5, mode=DPaceMode(mode), reduction=Reduction(reduction),
                                mask_mode=MaskMode(mask_mode), target=TargetKind(target))
     assert objective.label_offset == 0 and objective.needs_teacher == (target == "kd")
     out = objective(chunk)
@@ -228,11 +229,10 @@ def test_objective_matches_naive_loop_value_and_gradient(target, mask_mode, mode
                                rtol=1e-4, atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------ SPEC B = 4 reductions
+# ------------------------------------------------------------------------------------------ B = 4 reductions (docs/objectives.md)
 def _module_reduce(objective, total, num_sequences: int) -> float:
     """DraftModule.reduce on one CPU rank (W = 1): the module's own normalizer logic; no drafter or target needed."""
-    module = DraftModule(drafter=nn.Identity(), target=None, objective=objective, optimizer=None, lr_factor=None,
-                         num_anchors=1, chunk_blocks=1)
+    module = make_module(drafter=nn.Identity(), target=None, objective=objective, num_anchors=1, chunk_blocks=1)
     module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                                enable_progress_bar=False, enable_model_summary=False)
     return module.reduce(total, num_sequences).item()
@@ -247,7 +247,7 @@ def test_spec_block4_reductions(reduction, expected):
     logits = torch.stack([p.log(), (1 - p).log()], dim=-1).view(1, 1, 4, 2)
     drafted = torch.tensor([[[False, True, True, True]]])
     chunk = SlotChunk(logits=logits, labels=torch.zeros(1, 1, 4, dtype=torch.long), valid=drafted, drafted=drafted)
-    objective = DPaceObjective(reduction=Reduction(reduction))
+    objective = make_objective("dpace", reduction=Reduction(reduction))
     total = objective(chunk)
     torch.testing.assert_close(total.slot_weight_sum, torch.tensor([0.0, 2.01375, 1.11375, 0.43875]),
                                rtol=0, atol=1e-6)  # the module logs these as train/weight_k/{k}
@@ -256,10 +256,10 @@ def test_spec_block4_reductions(reduction, expected):
 
 
 def test_reduction_names_map_to_normalizers_and_alpha_is_checked():
-    assert [DPaceObjective(reduction=r).normalizer for r in Reduction] == ["weight", "sequences", "tokens"]
+    assert [make_objective("dpace", reduction=r).normalizer for r in Reduction] == ["weight", "sequences", "tokens"]
     for alpha in (0.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ConfigError, match="loss.alpha"):
-            DPaceObjective(alpha=alpha)
+            make_objective("dpace", alpha=alpha)
         with pytest.raises(ConfigError, match="loss.alpha"):
             DPaceLossConfig(alpha=alpha).validate()
     DPaceLossConfig(alpha=1.0).validate()
@@ -279,7 +279,7 @@ def test_chunked_equals_unchunked():
     blocks = make_blocks(input_ids, loss_mask, anchors, keep, block_size, vocab - 1, label_offset=0)
     lm_head = nn.Linear(hidden_size, vocab, bias=False).requires_grad_(False)
     base = torch.randn(2, num_anchors, block_size, hidden_size, generator=gen) * 3.0
-    objective = DPaceObjective(alpha=0.3)
+    objective = make_objective("dpace", alpha=0.3)
 
     def run(chunk_blocks, use_checkpoint):
         hidden = base.clone().requires_grad_(True)
@@ -326,7 +326,7 @@ def test_cli_runs_dpace(cli, tmp_path, mode):
                  "data.batch_size=2", "data.num_anchors=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loss.gamma=7.0 is ignored" in result.stderr  # the warning reaches the user
-    assert "objective dpace, reduction weighted_mean" in result.stderr + result.stdout
+    assert re.search(r"objective dpace \(family dflash\): .*reduction weighted_mean", result.stderr + result.stdout)
     with open(tmp_path / "out" / "csv" / "metrics.csv") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
     assert len(rows) == 3 and all(math.isfinite(float(row["train/loss"])) for row in rows)

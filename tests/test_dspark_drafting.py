@@ -1,4 +1,4 @@
-"""DSpark at inference (SPEC §6, §8): the sequential Markov loop against the training hook, speculative decoding with
+"""DSpark at inference (docs/objectives.md, dspark; docs/decoding.md): the sequential Markov loop against the training hook, speculative decoding with
 DSpark drafts (lossless, whole blocks accepted), and the self-contained modeling file an export ships."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from dflashtrain.data.blocks import make_blocks
-from dflashtrain.dspark_drafting import draft_sequential
-from dflashtrain.models.heads import DSparkHeads, export_tensors
+from dflashtrain.families.dspark.drafting import draft_sequential
+from dflashtrain.families.dspark.export import export_tensors
+from dflashtrain.families.dspark.heads import DSparkHeads
 from test_dspark import BLOCK, HIDDEN, MASK, RANK, VOCAB, _heads, _module
 
 
@@ -24,7 +25,7 @@ def test_sequential_drafting_reproduces_the_teacher_forced_logits(temperature):
     sequence = torch.tensor([[anchor, *draft.tokens.tolist()]])  # [1, B + 1]: x_a, t_0, …, t_{B−1}
     blocks = make_blocks(sequence, torch.ones_like(sequence), torch.tensor([[0]]), torch.tensor([[True]]),
                          BLOCK, MASK, label_offset=1)
-    logits, extras = _module(heads, lm_head).logits(hidden.view(1, 1, BLOCK, HIDDEN), blocks)
+    logits, extras = _module(heads, lm_head).chunk_logits(hidden.view(1, 1, BLOCK, HIDDEN), blocks)
     torch.testing.assert_close(draft.logits, logits[0, 0].float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(draft.confidences, torch.sigmoid(extras["confidence_logits"][0, 0]))
     if temperature == 0:
@@ -60,8 +61,8 @@ def bigram_heads(sequence, vocab_size=32):
 def test_speculative_decoding_with_dspark_drafts_equals_plain_greedy_decoding(prompt_index):
     """Greedy DSpark rounds verify [anchor, t_0..t_{B−1}] (B + 1 tokens) and must reproduce plain decoding; a
     Markov head that knows the plain output's bigrams makes whole blocks (4 drafts) accepted."""
-    from dflashtrain.decode import Sampler, generate
-    from dflashtrain.dspark_drafting import DSparkProposer
+    from dflashtrain.inference.decode import Sampler, generate
+    from dflashtrain.families.dspark.drafting import DSparkProposer
     from test_decode import PROMPTS, plain, tiny_drafter, tiny_target
 
     target, prompt = tiny_target(vocab_size=32, init=0.2), PROMPTS[prompt_index]
@@ -86,7 +87,7 @@ def test_shipped_modeling_file_loads_an_export_and_reproduces_the_drafter(tmp_pa
     from safetensors.torch import save_file
 
     from dflashtrain.models.dflash import DFlashDrafter, DrafterGeometry
-    from dflashtrain.models.heads import MODELING_FILE, export_config
+    from dflashtrain.families.dspark.export import MODELING_FILE, export_config
     from dflashtrain.models.masks import AnchorAttentionMask
 
     imports = [line for line in MODELING_FILE.read_text().splitlines() if line.startswith(("import ", "from "))]
@@ -101,7 +102,7 @@ def test_shipped_modeling_file_loads_an_export_and_reproduces_the_drafter(tmp_pa
               "num_key_value_heads": 1, "head_dim": 4, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
               "vocab_size": VOCAB, "block_size": BLOCK,
               "dflash_config": {"target_layer_ids": [0, 1], "mask_token_id": MASK},
-              **export_config(RANK, confidence_head=True)}
+              **export_config({"markov_rank": RANK, "confidence_head": True})}
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file({**drafter.state_dict(), **export_tensors(heads)}, str(tmp_path / "model.safetensors"))
     shutil.copy(MODELING_FILE, tmp_path / "modeling_dspark.py")
@@ -126,12 +127,27 @@ def test_shipped_modeling_file_loads_an_export_and_reproduces_the_drafter(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------- export and eval
+class _JsonWithWrongRank:
+    """json as the exporter uses it, except that what it writes has the wrong DSpark rank."""
+
+    def __init__(self):
+        import json
+
+        self.json = json
+
+    def dumps(self, config, **kwargs):
+        config = {**config, "dspark_config": {**config["dspark_config"], "markov_rank": 4}}
+        return self.json.dumps(config, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.json, name)
+
 def _dspark_checkpoint(path, target_dir):
     """A training-shaped DSpark checkpoint for the random target: drafter.* and heads.* + the metadata."""
     from dataclasses import asdict
 
     from dflashtrain.models.dflash import DFlashDrafter, DrafterGeometry
-    from dflashtrain.target import load_target_config, load_tokenizer
+    from dflashtrain.models.target import load_target_config, load_tokenizer
 
     config = load_target_config(str(target_dir))
     geometry = DrafterGeometry(hidden_size=64, intermediate_size=96, num_layers=2, num_attention_heads=4,
@@ -144,7 +160,8 @@ def _dspark_checkpoint(path, target_dir):
     state = {**{f"drafter.{k}": v for k, v in drafter.state_dict().items()},
              **{f"heads.{k}": v for k, v in heads.state_dict().items()}}
     meta = {"geometry": asdict(geometry), "num_target_layers": 4, "target_path": str(target_dir), "label_offset": 1,
-            "heads": {"markov_rank": 8, "confidence_head": True}, "config": {}}
+            "family": "dspark", "head_options": {"markov_rank": 8, "confidence_head": True},
+            "vocab_size": config.vocab_size, "objective": "dspark", "config": {}}
     torch.save({"state_dict": state, "dflashtrain": meta, "global_step": 3}, path)
     return path, heads
 
@@ -154,11 +171,11 @@ def test_dspark_export_ships_heads_config_and_loader_and_decodes_like_the_checkp
     import json
     from types import SimpleNamespace
 
-    from dflashtrain import export as export_module
-    from dflashtrain.decode import Sampler, generate
-    from dflashtrain.dspark_drafting import DSparkProposer
-    from dflashtrain.evaluate import load_drafter
-    from dflashtrain.target import FrozenTarget
+    from dflashtrain.export import hf as export_module
+    from dflashtrain.inference.decode import Sampler, generate
+    from dflashtrain.families.dspark.drafting import DSparkProposer
+    from dflashtrain.inference.evaluate import load_drafter
+    from dflashtrain.models.target import FrozenTarget
     from test_decode import plain
 
     checkpoint, heads = _dspark_checkpoint(tmp_path / "dspark.ckpt", random_target_dir)
@@ -173,16 +190,14 @@ def test_dspark_export_ships_heads_config_and_loader_and_decodes_like_the_checkp
     reference = plain(target, prompt, 16).tokens
     decoded = []
     for source in ({"drafter_dir": str(out), "ckpt_path": None}, {"drafter_dir": None, "ckpt_path": str(checkpoint)}):
-        drafter, _, _, make_proposer = load_drafter(SimpleNamespace(**source))
-        proposer = make_proposer(drafter, target)
+        loaded, _, _ = load_drafter(SimpleNamespace(**source))
+        proposer = loaded.family.proposer(loaded.drafter, loaded.heads, target)
         assert isinstance(proposer, DSparkProposer) and proposer.block_size == 5
         torch.testing.assert_close(proposer.heads.markov.proj.weight, heads.markov.proj.weight, rtol=0, atol=0)
         decoded.append(generate(target, proposer, prompt, 16, (), Sampler()).tokens)
     assert decoded == [reference, reference]  # greedy speculative decoding is lossless either way
 
-    monkeypatch.setattr(export_module, "export_config", lambda markov_rank, confidence_head: {
-        "architectures": ["DSparkDraftModel"], "dspark_config": {"markov_rank": 4, "confidence_head": True,
-                                                                 "label_offset": 1}})
+    monkeypatch.setattr(export_module, "json", _JsonWithWrongRank())  # config.json written with a wrong rank
     with pytest.raises(export_module.ExportCheckError, match="dspark_config"):
         export_module.export(checkpoint, tmp_path / "wrong", None, "float32", overwrite=False)
     assert not (tmp_path / "wrong").exists()

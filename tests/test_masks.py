@@ -1,4 +1,4 @@
-"""The anchor-block attention rule (SPEC §2 step 5): dense mask, flex mask_mod, both attention paths, drafter."""
+"""The anchor-block attention rule (docs/architecture.md, attention rule): dense mask, flex mask_mod, both attention paths, drafter."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §7 metrics on hand-made tensors: acc, acc_k, tau_est, tau_cumprod."""
+"""Training metrics (docs/conventions.md) on hand-made tensors: acc, acc_k, tau_est, tau_cumprod."""
 
 from __future__ import annotations
 

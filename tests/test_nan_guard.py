@@ -15,10 +15,10 @@ from hydra import compose, initialize_config_module
 
 from conftest import write_count_up_chats
 from dflashtrain.assets import TINY_TARGET_DIR
-from dflashtrain.config import register_configs
-from dflashtrain.guards import NonFiniteLossError, unused_path
-from dflashtrain.module import DraftModule
-from dflashtrain.train import run
+from dflashtrain.config.schema import register_configs
+from dflashtrain.train.guards import NonFiniteLossError, unused_path
+from dflashtrain.train.module import DraftModule
+from dflashtrain.train.recipe import run
 
 # Until the embedded tiny target is committed, its untrained stand-in (same tokenizer) is used.
 TARGET = TINY_TARGET_DIR

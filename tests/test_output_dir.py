@@ -13,12 +13,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-import dflashtrain.train as train_module
+import dflashtrain.train.recipe as train_module
 from conftest import write_count_up_chats
 from dflashtrain.assets import TINY_TARGET_DIR
-from dflashtrain.config import ConfigError, register_configs
-from dflashtrain.guards import check_checkpoint_dir
-from dflashtrain.train import check_output_dir, run
+from dflashtrain.config.schema import ConfigError, register_configs
+from dflashtrain.train.guards import check_checkpoint_dir
+from dflashtrain.train.recipe import check_output_dir, run
 
 # Until the embedded tiny target is committed, its untrained stand-in (same tokenizer) is used.
 TARGET = TINY_TARGET_DIR

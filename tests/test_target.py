@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dflashtrain.config import ConfigError
-from dflashtrain.target import (
+from dflashtrain.config.schema import ConfigError
+from dflashtrain.models.target import (
     FrozenTarget,
     default_layer_ids,
     drafter_geometry,

@@ -1,6 +1,6 @@
-"""Objective ``vp_drafter`` (SPEC §5): prefix sampling, block inputs, weights, masks, loss, config and CLI.
+"""Objective ``vp_drafter`` (docs/objectives.md, vp_drafter): prefix sampling, block inputs, weights, masks, loss, config and CLI.
 
-Expectations are SPEC vectors, hand-computed tensors, or the float64 loop :func:`_naive_vp` written from SPEC §5
+Expectations are the vectors of docs/objectives.md, hand-computed tensors, or the float64 loop :func:`_naive_vp` written from docs/objectives.md
 without the code under test.
 """
 
@@ -16,13 +16,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
+from dflashtrain.data.sampling import RowGenerators
+from dflashtrain.objectives import build_objective
 from omegaconf import OmegaConf
 
-from dflashtrain.config import DEFAULT_PREFIX_WEIGHT_BASE, ConfigError, MaskMode, TargetKind, register_configs
-from dflashtrain.checks import validate
+from factories import make_objective
+from dflashtrain.config.schema import DEFAULT_PREFIX_WEIGHT_BASE, ConfigError, MaskMode, TargetKind, register_configs
+from dflashtrain.config.checks import validate
 from dflashtrain.data.blocks import make_blocks
-from dflashtrain.objectives.core import SlotChunk
+from dflashtrain.objectives.protocol import SlotChunk
 from dflashtrain.objectives.vp import (
     VPDrafterObjective,
     apply_visible_prefix,
@@ -146,7 +148,8 @@ def test_prepare_blocks_samples_and_applies_the_prefix():
     torch.manual_seed(11)
     ids, blocks = _blocks([[10 + t for t in range(40)]] * 2, [[0, 9, 20, 0], [3, 30, 0, 0]],
                           [[True, True, True, False], [True, True, False, False]], 8)
-    vp = VPDrafterObjective(prefix_weight_base=0.9, gamma=4.0).prepare_blocks(blocks, ids)
+    rng = RowGenerators(seed=11, epoch=0, row_keys=[0, 1], device=torch.device("cpu"))
+    vp = make_objective("vp_drafter", prefix_weight_base=0.9, gamma=4.0).prepare_blocks(blocks, ids, rng)
     first = vp.drafted.float().argmax(dim=-1)  # p of every kept block
     keep = blocks.block_keep
     assert ((first >= 2) & (first <= 7))[keep].all()
@@ -177,14 +180,14 @@ def _chunk_from_ce(ce, p):
 
 def test_spec_loss_vector():
     chunk = _chunk_from_ce([9, 9, 0.5, 1, 2], p=2)
-    out = VPDrafterObjective(gamma=4.0)(chunk)
+    out = make_objective("vp_drafter", gamma=4.0)(chunk)
     torch.testing.assert_close(out.slot_weight_sum, torch.tensor([0, 0, 1, .778801, .606531]), rtol=0, atol=1e-6)
     assert abs((out.terms["ce"] / out.weight_sum).item() - 1.044660) < 1e-6
 
 
 def test_prefix_ce_changes_neither_loss_nor_gradient():
     """Huge prefix CEs (and labels valid there) must not reach the loss or the gradient."""
-    objective = VPDrafterObjective(gamma=4.0)
+    objective = make_objective("vp_drafter", gamma=4.0)
     small, huge = _chunk_from_ce([0.1, 0.1, 0.5, 1, 2], p=2), _chunk_from_ce([1e4, 3e4, 0.5, 1, 2], p=2)
     huge.valid = torch.ones_like(huge.valid)  # raw validity at the prefix must not leak in either
     losses = []
@@ -213,16 +216,16 @@ def test_cumulative_prefix_passes_through_whatever_its_validity():
 
 
 def test_tail_block_adds_nothing():
-    """A block with nothing supervised (SPEC tail) leaves numerator and denominator as they were."""
+    """A block with nothing supervised (the tail vector) leaves numerator and denominator as they were."""
     ids = torch.tensor([[10 + t for t in range(10)]])
     blocks = make_blocks(ids, torch.ones_like(ids), torch.tensor([[2, 8]]), torch.tensor([[True, True]]), 6, MASK, 0)
     vp = apply_visible_prefix(blocks, ids, torch.tensor([[3, 3]]))
     logits = torch.randn(1, 2, 6, 20, generator=torch.Generator().manual_seed(0))
-    both = VPDrafterObjective(gamma=7.0)(SlotChunk(logits, vp.label_ids, vp.slot_valid, vp.drafted))
+    both = make_objective("vp_drafter", gamma=7.0)(SlotChunk(logits, vp.label_ids, vp.slot_valid, vp.drafted))
 
     def block_sums(n):
         sub = vp.chunk(n, n + 1)
-        return VPDrafterObjective(gamma=7.0)(SlotChunk(logits[:, n:n + 1], sub.label_ids, sub.slot_valid, sub.drafted))
+        return make_objective("vp_drafter", gamma=7.0)(SlotChunk(logits[:, n:n + 1], sub.label_ids, sub.slot_valid, sub.drafted))
 
     first, tail = block_sums(0), block_sums(1)
     assert tail.terms["ce"].item() == tail.weight_sum.item() == tail.token_sum.item() == 0.0
@@ -234,7 +237,7 @@ def test_tail_block_adds_nothing():
 
 # ------------------------------------------------------------------------------------------- naive reference
 def _naive_vp(ids, loss_mask, anchors, keep, prefix, block_size, logits, teacher, gamma, mode, target):
-    """Σ w·m·ℓ, Σ w·m and d(Σ w·m·ℓ / Σ w·m)/d logits in float64 loops, from SPEC §5 alone."""
+    """Σ w·m·ℓ, Σ w·m and d(Σ w·m·ℓ / Σ w·m)/d logits in float64 loops, from docs/objectives.md alone."""
     num = den = 0.0
     entries = []  # (i, n, k, w)
     for i, row in enumerate(ids):
@@ -282,7 +285,7 @@ def test_objective_matches_naive_loop(target, mode):
     logits = (torch.randn(2, 4, block_size, vocab, generator=gen) * 2).requires_grad_(True)
     teacher = torch.randn(2, 4, block_size, vocab, generator=gen) * 2
     chunk = SlotChunk(logits, vp.label_ids, vp.slot_valid, vp.drafted, teacher if target == "kd" else None)
-    objective = VPDrafterObjective(gamma=4.0, mask_mode=MaskMode(mode), target=TargetKind(target))
+    objective = make_objective("vp_drafter", gamma=4.0, mask_mode=MaskMode(mode), target=TargetKind(target))
     assert objective.needs_teacher == (target == "kd") and objective.label_offset == 0
     out = objective(chunk)
     num, den, grad = _naive_vp(ids.tolist(), loss_mask.tolist(), anchors.tolist(), keep.tolist(), prefix.tolist(),
@@ -306,7 +309,7 @@ def _compose(overrides=()):
 def test_config_composes_with_decay_gamma_default(block_size, gamma):
     cfg = _compose([f"model.drafter.block_size={block_size}"])
     assert cfg.loss.gamma == gamma and cfg.loss.prefix_weight_base == DEFAULT_PREFIX_WEIGHT_BASE
-    objective = instantiate(cfg.loss, _convert_="object")
+    objective = build_objective(OmegaConf.to_object(cfg.loss))
     assert isinstance(objective, VPDrafterObjective) and objective.name == "vp_drafter"
     assert objective.mask_mode == MaskMode.independent and not objective.include_anchor_only
 
@@ -314,7 +317,7 @@ def test_config_composes_with_decay_gamma_default(block_size, gamma):
 def test_null_base_means_default():
     cfg = _compose(["loss.prefix_weight_base=null"])
     OmegaConf.to_object(cfg.loss).validate()
-    assert instantiate(cfg.loss, _convert_="object").prefix_weight_base == 0.9
+    assert build_objective(OmegaConf.to_object(cfg.loss)).prefix_weight_base == 0.9
 
 
 @pytest.mark.parametrize("base", ["0", "-1"])

@@ -1,4 +1,4 @@
-"""Anchors, block inputs, position ids and labels (SPEC §2 steps 3–4, §2.1, §2.2).
+"""Anchors, block inputs, position ids and labels (docs/architecture.md, anchors and blocks; docs/conventions.md).
 
 For an anchor ``a`` and slot ``k`` of a block of size B:
 
@@ -46,15 +46,23 @@ def anchor_candidates(loss_mask: Tensor) -> Tensor:
 
 
 def sample_anchors(
-    loss_mask: Tensor, num_anchors: int, generator: Optional[torch.Generator] = None
+    loss_mask: Tensor, num_anchors: int, generator: Optional[torch.Generator] = None,
+    uniforms: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Up to N anchors per sequence, uniformly without replacement, sorted, padded with dummy blocks.
 
+    ``uniforms`` [b, W] are the random scores to rank candidates by (the first S − 1 columns are used, missing ones
+    count as 0: only padding lies there); without them they are drawn from ``generator``.
     Returns anchor_positions [b, N] (long) and block_keep [b, N] (bool).
     """
     candidates = anchor_candidates(loss_mask)  # [b, S - 1]
     batch, num_positions = candidates.shape
-    scores = torch.rand(batch, num_positions, generator=generator, device=loss_mask.device)
+    if uniforms is None:
+        scores = torch.rand(batch, num_positions, generator=generator, device=loss_mask.device)
+    else:
+        scores = uniforms[:, :num_positions]
+        if scores.shape[1] < num_positions:
+            scores = torch.cat([scores, scores.new_zeros(batch, num_positions - scores.shape[1])], dim=1)
     scores = scores.masked_fill(~candidates, -1.0)  # non-candidates rank below every candidate
     if num_positions < num_anchors:  # short batch: pad with non-candidates so top-k can return N
         scores = torch.cat([scores, scores.new_full((batch, num_anchors - num_positions), -1.0)], dim=1)

@@ -1,4 +1,4 @@
-"""Chat rows -> ``input_ids`` and ``loss_mask`` through the target's own chat template (SPEC §2 step 1).
+"""Chat rows -> ``input_ids`` and ``loss_mask`` through the target's own chat template (docs/conventions.md, loss mask).
 
 ``loss_mask`` is 1 on assistant tokens, including the end-of-turn token that closes each assistant turn. Templates
 that mark assistant spans with ``{% generation %}`` give the mask directly; for others the span of assistant turn i

@@ -9,7 +9,7 @@ than 2·B supervised tokens remain. ``data.on_bad_row=error`` stops at the first
 
 Two cases are not bad rows and are handled the same under both policies: a row longer than ``max_length`` that
 keeps at least 2·B supervised tokens is truncated and kept (counted as *truncated*), and a row with fewer than
-2·B supervised tokens in full is dropped and counted (SPEC §2 step 1). The per-reason summary (with the first line
+2·B supervised tokens in full is dropped and counted (docs/conventions.md, loss mask). The per-reason summary (with the first line
 of each reason) is logged once, at warning level when rows were dropped so it reaches the terminal even where
 logging is not configured. Each kept row carries ``row`` = its 1-based line number, the batch's ``sample_ids``.
 """
@@ -27,15 +27,16 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from dflashtrain.config import BadRowPolicy
+from dflashtrain.config.schema import BadRowPolicy
 from dflashtrain.data.blocks import anchor_candidates
 from dflashtrain.data.chat import BadRowError, RowProblem, row_problem, tokenize_chat
+from dflashtrain.data.sampling import GlobalBatchSampler
 
 __all__ = ["BadRowError", "ChatCollator", "ChatDataModule", "DataSummary", "read_chat_rows", "tokenize_rows"]
 
 log = logging.getLogger(__name__)
 
-TOO_FEW_SUPERVISED = "fewer than 2B supervised tokens"  # dropped under either policy (SPEC §2 step 1)
+TOO_FEW_SUPERVISED = "fewer than 2B supervised tokens"  # dropped under either policy
 
 
 @dataclass
@@ -158,7 +159,7 @@ class ChatCollator:
     """Right-pads a list of rows to the longest; pad positions have loss_mask 0 and attention_mask 0."""
 
     pad_token_id: int
-    pad_to_multiple_of: int = 1  # fewer distinct shapes for compiled kernels
+    pad_to_multiple_of: int  # fewer distinct shapes for compiled kernels
 
     def __call__(self, rows: List[Dict]) -> Dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
@@ -168,6 +169,8 @@ class ChatCollator:
             "loss_mask": torch.zeros(len(rows), length, dtype=torch.long),
             "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
             "sample_ids": torch.tensor([int(r["row"]) for r in rows], dtype=torch.long),
+            # dataset indices, a plain list so that it stays on the host: they seed each row's random draws
+            "row_keys": [int(r["index"]) for r in rows],
         }
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
@@ -185,10 +188,11 @@ class ChatDataModule(L.LightningDataModule):
         max_length: int,
         min_supervised_tokens: int,
         batch_size: int,
-        num_workers: int = 0,
-        shuffle: bool = True,
-        on_bad_row: BadRowPolicy = BadRowPolicy.error,
-        pad_to_multiple_of: int = 1,
+        num_workers: int,
+        shuffle: bool,
+        on_bad_row: BadRowPolicy,
+        pad_to_multiple_of: int,
+        seed: int,
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -200,7 +204,9 @@ class ChatDataModule(L.LightningDataModule):
         self.shuffle = shuffle
         self.on_bad_row = BadRowPolicy(on_bad_row)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.seed = seed
         self.train_set: Dataset | None = None
+        self.resume_position: Optional[Dict[str, int]] = None  # set from a checkpoint (load_state_dict)
         self.summary = DataSummary(path=str(path), max_length=max_length)
 
     def setup(self, stage: str | None = None) -> None:
@@ -213,14 +219,30 @@ class ChatDataModule(L.LightningDataModule):
         log.log(logging.WARNING if self.summary.dropped else logging.INFO, "%s", self.summary)
         if len(self.train_set) == 0:
             raise BadRowError(f"{self.path}: no usable rows ({self.summary})")
+        self.train_set = self.train_set.add_column("index", list(range(len(self.train_set))))
 
     def train_dataloader(self) -> DataLoader:
+        """Batches of this rank (docs/architecture.md, data across ranks): one shuffled order per epoch, cut into
+        global batches; a resumed run starts at the first global batch its checkpoint had not trained on."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = GlobalBatchSampler(len(self.train_set), self.batch_size, self.shuffle, self.seed, rank, world)
+        if self.resume_position is not None:
+            sampler.set_position(self.resume_position["epoch"], self.resume_position["batches_done"])
+            self.resume_position = None
         return DataLoader(
-            self.train_set.with_format(columns=["input_ids", "loss_mask", "row"]),
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
+            self.train_set.with_format(columns=["input_ids", "loss_mask", "row", "index"]),
+            batch_sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=ChatCollator(pad, self.pad_to_multiple_of),
-            drop_last=False,
         )
+
+    def state_dict(self) -> Dict[str, int]:
+        """The data position, saved in every checkpoint: the epoch and how many of its global batches were taken."""
+        trainer = self.trainer
+        return {"epoch": trainer.current_epoch,
+                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.ready}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.resume_position = {"epoch": int(state["epoch"]), "batches_done": int(state["batches_done"])}

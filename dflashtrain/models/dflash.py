@@ -1,4 +1,4 @@
-"""The DFlash drafter (SPEC §1): a few non-causal Qwen3-style layers conditioned on tapped target states.
+"""The DFlash drafter (docs/architecture.md, drafter): a few non-causal Qwen3-style layers conditioned on tapped target states.
 
     c_t   = hidden_norm(fc(concat(H_l1,t, ..., H_ln,t)))          context features, shared by every layer
     layer : x <- x + o_proj(attn(q(x), [K(c); K(x)], [V(c); V(x)]))   (KV injection, q/k RMSNorm, RoPE)

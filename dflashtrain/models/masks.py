@@ -1,4 +1,4 @@
-"""The anchor-block attention rule (SPEC §2 step 5) and the two attention paths that implement it.
+"""The anchor-block attention rule (docs/architecture.md, attention rule) and the two attention paths that implement it.
 
 Keys are laid out as ``[context 0..S-1 ; block 0 slots ; block 1 slots ; ...]`` and queries as the N·B block slots.
 A query in block ``b`` (anchor ``a_b``) sees

@@ -1,4 +1,4 @@
-"""LM head + objective over chunks of blocks, so the [b, N, B, V] logits never exist at once (SPEC §2).
+"""LM head + objective over chunks of blocks, so the [b, N, B, V] logits never exist at once (docs/architecture.md).
 
 Each chunk runs under activation checkpointing: its logits are recomputed in the backward pass instead of being
 stored. Chunked and unchunked give the same loss, metrics and gradients (tests/test_chunked.py).
@@ -13,15 +13,16 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from dflashtrain.data.blocks import DraftBlocks
-from dflashtrain.objectives.core import ChunkLoss, SlotChunk
+from dflashtrain.models.target import head_logits
 from dflashtrain.objectives.metrics import SlotCounts, count_slots
+from dflashtrain.objectives.protocol import ChunkLoss, Objective, SlotChunk
 
 # (hidden chunk [b, c, B, d], blocks chunk) -> (logits [b, c, B, V], extras)
 LogitsFn = Callable[[Tensor, DraftBlocks], Tuple[Tensor, Dict[str, Tensor]]]
 
 
 def teacher_logits(final_hidden: Tensor, label_positions: Tensor, lm_head: torch.nn.Module) -> Tensor:
-    """The target's logits *for* each label: its head at position label_pos − 1 (SPEC §2.3, §6). fp32, no grad.
+    """The target's logits *for* each label: its head at position label_pos − 1 (docs/conventions.md). fp32, no grad.
 
     final_hidden [b, S, d], label_positions [b, c, B] -> [b, c, B, V].
     """
@@ -29,22 +30,13 @@ def teacher_logits(final_hidden: Tensor, label_positions: Tensor, lm_head: torch
         batch, d = final_hidden.shape[0], final_hidden.shape[-1]
         source = (label_positions - 1).clamp(min=0).view(batch, -1, 1).expand(-1, -1, d)
         gathered = final_hidden.gather(1, source).view(*label_positions.shape, d)
-        return lm_head(gathered).float()
-
-
-def _add(a: ChunkLoss, b: ChunkLoss) -> ChunkLoss:
-    return ChunkLoss(
-        terms={name: a.terms[name] + b.terms[name] for name in a.terms},
-        weight_sum=a.weight_sum + b.weight_sum,
-        token_sum=a.token_sum + b.token_sum,
-        slot_weight_sum=a.slot_weight_sum + b.slot_weight_sum,
-    )
+        return head_logits(gathered, lm_head).float()
 
 
 def chunked_objective(
     hidden: Tensor,
     blocks: DraftBlocks,
-    objective: Callable[[SlotChunk], ChunkLoss],
+    objective: Objective,
     logits_fn: LogitsFn,
     chunk_blocks: int,
     teacher: Optional[Callable[[Tensor], Tensor]] = None,
@@ -80,6 +72,6 @@ def chunked_objective(
         else:
             loss, correct = one_chunk(h, sub)
         chunk_counts = count_slots(correct, sub.slot_valid, sub.drafted, sub.block_keep)
-        total = loss if total is None else _add(total, loss)
+        total = loss if total is None else total + loss
         counts = chunk_counts if counts is None else counts + chunk_counts
     return total, counts

@@ -1,4 +1,4 @@
-"""Objective ``dpace`` (D-PACE, SPEC §4): detached slot weights from the drafter's own confidence.
+"""Objective ``dpace`` (D-PACE; docs/objectives.md, dpace): detached slot weights from the drafter's own confidence.
 
 Per block, over drafted slots j (DFlash convention, slot 0 is the given anchor):
 
@@ -9,8 +9,8 @@ Per block, over drafted slots j (DFlash convention, slot 0 is the given anchor):
     loss = Σ w·m·ℓ / den,  den = Σ w·m (weighted_mean) | Σ m (per_token) | number of sequences (per_sequence)
 
 ℓ is hard CE on the data token, or soft CE against the target with ``target: kd``. m is the supervision mask
-(``independent`` or ``cumulative``, SPEC §2.2); slots outside m count as invalid in the weights too. The decay γ
-is ignored (the schema warns when it is set). The module applies ``den`` through :attr:`normalizer`.
+(``independent`` or ``cumulative``, docs/conventions.md); slots outside m count as invalid in the weights too. The decay γ
+is ignored (the schema warns when it is set). The step applies ``den`` through :attr:`normalizer`.
 """
 
 from __future__ import annotations
@@ -20,32 +20,29 @@ from typing import Optional
 
 import torch
 
-from dflashtrain.config import ConfigError, DPaceMode, MaskMode, Reduction, TargetKind
-from dflashtrain.objectives.core import (
-    ChunkLoss,
-    SlotChunk,
-    slot_cross_entropy,
-    slot_loss,
-    supervision_mask,
-    weighted_sums,
-)
+from dflashtrain.config.schema import ConfigError, DPaceMode, MaskMode, Reduction, TargetKind
+from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, SlotChunk, no_metrics, unchanged_blocks
+from dflashtrain.objectives.slots import slot_cross_entropy, slot_loss, supervision_mask, weighted_sums
 from dflashtrain.objectives.weights import dpace_weights
 
-# Reduction name (the published implementations differ here) -> the module's global denominator (SPEC §2.4).
+# Reduction name (the published implementations differ exactly here) -> the global denominator.
 REDUCTION_NORMALIZER = {
-    Reduction.weighted_mean: "weight",  # Σ w·m
-    Reduction.per_token: "tokens",  # Σ m
-    Reduction.per_sequence: "sequences",  # sequences in the global batch
+    Reduction.weighted_mean: Normalizer.weight,  # Σ w·m
+    Reduction.per_token: Normalizer.tokens,  # Σ m
+    Reduction.per_sequence: Normalizer.sequences,  # sequences in the global batch
 }
 
 
 class DPaceObjective:
     name = "dpace"
+    family = "dflash"
     label_offset = 0  # DFlash convention: slot k predicts x[a + k]
+    coefficients = {"ce": 1.0}
+    prepare_blocks = staticmethod(unchanged_blocks)
+    metrics = staticmethod(no_metrics)
 
-    def __init__(self, alpha: float = 0.5, mode: DPaceMode = DPaceMode.full,
-                 reduction: Reduction = Reduction.weighted_mean, gamma: Optional[float] = None,
-                 mask_mode: MaskMode = MaskMode.independent, target: TargetKind = TargetKind.hard):
+    def __init__(self, alpha: float, mode: DPaceMode, reduction: Reduction, gamma: Optional[float],
+                 mask_mode: MaskMode, target: TargetKind):
         if not (math.isfinite(alpha) and 0.0 < alpha <= 1.0):
             raise ConfigError("loss.alpha", f"must be in (0, 1], got {alpha}")
         self.alpha = float(alpha)
@@ -54,11 +51,8 @@ class DPaceObjective:
         self.normalizer = REDUCTION_NORMALIZER[self.reduction]
         self.mask_mode = MaskMode(mask_mode)
         self.target = TargetKind(target)
-        del gamma  # ignored under dpace (SPEC §4): the schema keeps it only to warn when it is set
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.target == TargetKind.kd
+        self.needs_teacher = self.target == TargetKind.kd
+        del gamma  # ignored under dpace: the schema keeps it only to warn when it is set
 
     def __call__(self, chunk: SlotChunk) -> ChunkLoss:
         mask = supervision_mask(chunk.valid, chunk.drafted, self.mask_mode)  # [b, c, B]

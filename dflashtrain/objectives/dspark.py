@@ -1,19 +1,19 @@
-"""Objective ``dspark`` (DSpark, SPEC §6): next-token convention, Markov-biased logits, a confidence head.
+"""Objective ``dspark`` (DSpark; docs/objectives.md, dspark): next-token convention, Markov-biased logits, a confidence head.
 
 Per slot k of a block (slot k predicts x[a+k+1]; every slot is drafted), all softmaxes in fp32:
 
-    z_k   = lm_head(h_k) + W2·W1[prev_k]                 (the module's logits hook adds the Markov bias)
+    z_k   = lm_head(h_k) + W2·W1[prev_k]                 (the dspark family's logits add the Markov bias)
     p_t,k = softmax(lm_head(h^T_final[a+k]))             target distribution, T = 1, no grad
     CE_k  = −log softmax(z_k)[x_{a+k+1}]
     L1_k  = Σ_v |softmax(z_k)_v − p_t,k,v|               ∈ [0, 2]
     c*_k  = clamp(1 − ½·L1_k, 0, 1)                      detached: the confidence head's target
-    BCE_k = BCEWithLogits(u_k, c*_k)                     u_k = confidence logit (the hook's extras)
+    BCE_k = BCEWithLogits(u_k, c*_k)                     u_k = confidence logit (the family's extras)
 
-    w_k = exp(−k/γ), m = cumulative validity (default);   term_t = Σ w·m·ℓ_t / Σ w·m  (SPEC §2.4)
+    w_k = exp(−k/γ), m = cumulative validity (default);   term_t = Σ w·m·ℓ_t / Σ w·m
     loss = ce_alpha·CE + l1_alpha·L1 + conf_alpha·BCE
 
 The chunk returns the three numerators Σ w·m·ℓ_t under "ce", "l1", "bce"; :attr:`coefficients` holds the alphas
-the module multiplies them by (it logs each term un-weighted). The chunk also carries the additive sums of the
+the step multiplies them by (it logs each term un-weighted). ``ChunkLoss.stats`` carries the additive sums of the
 DSpark metrics (``tau_probabilistic``, confidence error and bias), summarized by :meth:`metrics`.
 """
 
@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dflashtrain.config import MaskMode
-from dflashtrain.objectives.core import ChunkLoss, SlotChunk, slot_cross_entropy, supervision_mask, weighted_sums
+from dflashtrain.config.schema import MaskMode
+from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, SlotChunk, unchanged_blocks
+from dflashtrain.objectives.slots import slot_cross_entropy, supervision_mask, weighted_sums
 from dflashtrain.objectives.metrics import SlotCounts, confidence_sums, summarize_confidence
 from dflashtrain.objectives.weights import decay_weights, first_drafted_offsets
 
-CONFIDENCE_LOGITS = "confidence_logits"  # SlotChunk.extras key the module's logits hook fills: u [b, c, B]
+CONFIDENCE_LOGITS = "confidence_logits"  # SlotChunk.extras key the dspark family's logits fill: u [b, c, B]
 
 
 def l1_distance(logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -45,12 +46,14 @@ def confidence_target(l1: Tensor) -> Tensor:
 
 class DSparkObjective:
     name = "dspark"
+    family = "dspark"  # the Markov and confidence heads, sequential drafting
     label_offset = 1  # next-token convention: slot k predicts x[a + k + 1], slot 0 supervised
-    normalizer = "weight"
+    normalizer = Normalizer.weight
     needs_teacher = True  # p_t comes from the target's final hidden state at label_pos − 1 = a + k
+    prepare_blocks = staticmethod(unchanged_blocks)
 
-    def __init__(self, ce_alpha: float = 0.1, l1_alpha: float = 0.9, conf_alpha: float = 1.0,
-                 gamma: Optional[float] = 4.0, mask_mode: MaskMode = MaskMode.cumulative):
+    def __init__(self, ce_alpha: float, l1_alpha: float, conf_alpha: float, gamma: Optional[float],
+                 mask_mode: MaskMode):
         self.gamma = gamma
         self.mask_mode = MaskMode(mask_mode)
         self.uses_confidence = conf_alpha > 0  # the confidence head exists iff its loss weight is > 0
@@ -74,10 +77,9 @@ class DSparkObjective:
             per_slot["bce"] = F.binary_cross_entropy_with_logits(u, c_star, reduction="none")
             confidence = torch.sigmoid(u)
         total = weighted_sums(per_slot, weights, mask)
-        total.terms.update(confidence_sums(c_star, mask, confidence))
+        total.stats.update(confidence_sums(c_star, mask, confidence))
         return total
 
     def metrics(self, total: ChunkLoss, counts: SlotCounts) -> Dict[str, Tensor]:
         """tau_probabilistic, conf_target, conf_abs_err, conf_bias from the batch's summed chunk."""
-        stats = {name: value for name, value in total.terms.items() if name not in self.coefficients}
-        return summarize_confidence(stats, counts.blocks, total.token_sum)
+        return summarize_confidence(total.stats, counts.blocks, total.token_sum)

@@ -1,4 +1,4 @@
-"""Training metrics of SPEC §7, on the binary validity mask (no loss weights).
+"""Training metrics (docs/conventions.md, metrics), on the binary validity mask (no loss weights).
 
 * ``acc``: argmax == label over valid drafted slots; ``acc_k`` per slot index.
 * ``tau_est``: per kept block, 1 + the number of leading drafted slots whose argmax is right (the bonus token
@@ -56,10 +56,10 @@ def summarize(counts: SlotCounts) -> Dict[str, Tensor]:
     return metrics
 
 
-# Additive DSpark sums (chunk -> batch by addition), carried in ChunkLoss.terms next to the loss terms; they are not
-# loss terms (the objective's ``coefficients`` name those), and ``summarize_confidence`` turns them into metrics.
+# Additive DSpark sums (chunk -> batch by addition), carried in ChunkLoss.stats (never in the loss);
+# ``summarize_confidence`` turns them into metrics.
 TAU_PROB_SUM, CONF_TARGET_SUM, CONF_ABS_ERR_SUM, CONF_BIAS_SUM = (
-    "stat/tau_prob_sum", "stat/conf_target_sum", "stat/conf_abs_err_sum", "stat/conf_bias_sum")
+    "tau_prob_sum", "conf_target_sum", "conf_abs_err_sum", "conf_bias_sum")
 
 
 def confidence_sums(c_star: Tensor, mask: Tensor, confidence: Optional[Tensor] = None) -> Dict[str, Tensor]:

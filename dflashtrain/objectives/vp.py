@@ -1,4 +1,4 @@
-"""Objective ``vp_drafter`` (D²SD variable-visible-prefix drafter, SPEC §5).
+"""Objective ``vp_drafter`` (D²SD variable-visible-prefix drafter; docs/objectives.md, vp_drafter).
 
 The drafter of a DFlash block sees a *visible prefix* of p real tokens (the anchor included) and MASK after it:
 
@@ -14,15 +14,20 @@ So at inference a VP drafter can re-draft after an accepted prefix without new t
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
-from dflashtrain.config import DEFAULT_PREFIX_WEIGHT_BASE, MaskMode, TargetKind
+from dflashtrain.config.schema import DEFAULT_PREFIX_WEIGHT_BASE, MaskMode, TargetKind
 from dflashtrain.data.blocks import DraftBlocks
-from dflashtrain.objectives.core import ChunkLoss, SlotChunk, slot_loss, supervision_mask, weighted_sums
+from dflashtrain.data.sampling import RowGenerators
+from dflashtrain.objectives.metrics import SlotCounts
+from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, SlotChunk
+from dflashtrain.objectives.slots import slot_loss, supervision_mask, weighted_sums
 from dflashtrain.objectives.weights import decay_weights, first_drafted_offsets
+
+PREFIX_LEN_SUM = "prefix_len_sum"  # ChunkLoss.stats: Σ over kept blocks of p (the first drafted slot)
 
 
 def min_prefix_length(block_size: int, include_anchor_only: bool = False) -> int:
@@ -95,18 +100,13 @@ def vp_supervision_mask(valid: Tensor, drafted: Tensor, mode: MaskMode) -> Tenso
 
 class VPDrafterObjective:
     name = "vp_drafter"
+    family = "dflash"
     label_offset = 0  # DFlash convention: slot k predicts x[a + k]
-    normalizer = "weight"
-    first_drafted_metric = "prefix_len"  # the module logs the mean first drafted slot (= mean p) under this name
+    normalizer = Normalizer.weight
+    coefficients = {"ce": 1.0}
 
-    def __init__(
-        self,
-        prefix_weight_base: Optional[float] = DEFAULT_PREFIX_WEIGHT_BASE,
-        gamma: Optional[float] = 7.0,
-        include_anchor_only: bool = False,
-        mask_mode: MaskMode = MaskMode.independent,
-        target: TargetKind = TargetKind.hard,
-    ):
+    def __init__(self, prefix_weight_base: Optional[float], gamma: Optional[float], include_anchor_only: bool,
+                 mask_mode: MaskMode, target: TargetKind):
         self.prefix_weight_base = DEFAULT_PREFIX_WEIGHT_BASE if prefix_weight_base is None else prefix_weight_base
         if not self.prefix_weight_base > 0:
             raise ValueError(f"prefix_weight_base must be > 0, got {self.prefix_weight_base}")
@@ -114,20 +114,25 @@ class VPDrafterObjective:
         self.include_anchor_only = include_anchor_only
         self.mask_mode = MaskMode(mask_mode)
         self.target = TargetKind(target)
+        self.needs_teacher = self.target == TargetKind.kd
 
-    @property
-    def needs_teacher(self) -> bool:
-        return self.target == TargetKind.kd
-
-    def prepare_blocks(self, blocks: DraftBlocks, input_ids: Tensor) -> DraftBlocks:
-        """Sample p per block on the blocks' device and apply the visible prefix."""
-        batch, num_blocks, block_size = blocks.input_ids.shape
-        prefix_lengths = sample_prefix_lengths(batch, num_blocks, block_size, self.prefix_weight_base,
-                                               self.include_anchor_only, device=input_ids.device)
-        return apply_visible_prefix(blocks, input_ids, prefix_lengths)
+    def prepare_blocks(self, blocks: DraftBlocks, input_ids: Tensor, rng: RowGenerators) -> DraftBlocks:
+        """Sample p per block (from each row's generator, on the blocks' device) and apply the visible prefix."""
+        num_blocks, block_size = blocks.input_ids.shape[1:]
+        lengths, probs = prefix_length_probs(block_size, self.prefix_weight_base, self.include_anchor_only)
+        draws = rng.multinomial(probs.to(device=input_ids.device, dtype=torch.float32), num_blocks)  # [b, N]
+        return apply_visible_prefix(blocks, input_ids, lengths.to(draws.device)[draws])
 
     def __call__(self, chunk: SlotChunk) -> ChunkLoss:
         # The first drafted slot of a kept block is p, so the decay offsets are k − p.
         weights = decay_weights(first_drafted_offsets(chunk.drafted), self.gamma)  # [b, c, B]
         mask = vp_supervision_mask(chunk.valid, chunk.drafted, self.mask_mode)  # [b, c, B]
-        return weighted_sums({"ce": slot_loss(chunk, self.target)}, weights, mask)
+        total = weighted_sums({"ce": slot_loss(chunk, self.target)}, weights, mask)
+        kept = chunk.drafted.any(dim=-1)  # [b, c]: a kept block always drafts at least slot B − 1
+        prefix = (~chunk.drafted).long().cumprod(dim=-1).sum(dim=-1)  # [b, c]: leading undrafted slots = p
+        total.stats[PREFIX_LEN_SUM] = (prefix * kept).sum().float()
+        return total
+
+    def metrics(self, total: ChunkLoss, counts: SlotCounts) -> Dict[str, Tensor]:
+        """prefix_len: the mean sampled p over kept blocks."""
+        return {"prefix_len": total.stats[PREFIX_LEN_SUM] / counts.blocks.clamp(min=1)}

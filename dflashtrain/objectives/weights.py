@@ -1,4 +1,4 @@
-"""Slot weights, each a small pure function of tensors (tested against SPEC's vectors)."""
+"""Slot weights, each a small pure function of tensors (tested against the vectors in docs/objectives.md)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def first_drafted_offsets(drafted: Tensor) -> Tensor:
 
 
 def dpace_raw_weights(confidence: Tensor, valid: Tensor, alpha: float, mode: str = "full") -> Tensor:
-    """D-PACE slot weights before re-masking (SPEC §4), per block along the last dim; never crosses blocks.
+    """D-PACE slot weights before re-masking (docs/objectives.md, dpace), per block along the last dim; never crosses blocks.
 
         q̃_j = α + (1 − α)·q_j on valid slots, 1 elsewhere (anchor, out of range, loss_mask 0, dummy block)
         C_j = Π_{i≤j} q̃_i                      (cumulative confidence)

@@ -9,19 +9,18 @@ from typing import List, Sequence
 import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
 
-from dflashtrain.decode import DFlashProposer, Sampler, acceptance_stats, generate, single_thread_on_cpu
-from dflashtrain.dspark_drafting import proposer_factory
+from dflashtrain.inference.decode import Sampler, acceptance_stats, generate, single_thread_on_cpu
 
 log = logging.getLogger(__name__)
 
 
 class TauEvalCallback(L.Callback):
     """Real acceptance during training: every ``every_n_steps`` optimizer steps, τ of greedy speculative decoding
-    (SPEC §8) of a few held-out prompts with the current drafter, logged as ``val/tau``.
+    (docs/decoding.md) of a few held-out prompts with the current drafter, logged as ``val/tau``.
 
-    τ = mean over rounds of (accepted + 1). Next-token (DSpark) drafters decode with their own proposer (sequential
-    Markov-head drafting, B drafts per round). Off under FSDP (the sharded drafter is only whole inside its forward);
-    use `dflashtrain-eval` on checkpoints there.
+    τ = mean over rounds of (accepted + 1). The drafting family decodes its own way (DSpark: sequential Markov-head
+    drafting). Off under FSDP (the sharded drafter is only whole inside its forward); use `dflashtrain-eval` on
+    checkpoints there.
     """
 
     def __init__(self, prompts: Sequence[List[int]], stop_token_ids: Sequence[int], every_n_steps: int,
@@ -30,15 +29,12 @@ class TauEvalCallback(L.Callback):
         self.stop_token_ids = list(stop_token_ids)
         self.every_n_steps = every_n_steps
         self.max_new_tokens = max_new_tokens
-        self.make_proposer = DFlashProposer  # (drafter, target) -> proposer; a DSpark module swaps in its own
         self.enabled = True
         self.history: List[tuple] = []  # (step, τ) of every measurement
         self._last_step = -1
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reason = None
-        # DSpark (next-token convention) drafts sequentially through its heads; DFlash in one pass.
-        self.make_proposer = proposer_factory(pl_module.objective.label_offset, pl_module.heads)
         if isinstance(trainer.strategy, FSDPStrategy):
             reason = "the drafter is sharded (FSDP)"
         if reason:
@@ -51,21 +47,22 @@ class TauEvalCallback(L.Callback):
             return
         self._last_step = step
         started = time.perf_counter()
-        tau = self.measure(pl_module.drafter, pl_module.target)
+        tau = self.measure(pl_module)
         self.history.append((step, tau))
         for logger in trainer.loggers:  # directly: self.log would drop it on a step that is not a logging step
             logger.log_metrics({"val/tau": tau}, step=step)
         log.info("step %d: val/tau %.3f on %d prompts (%.1f s)", step, tau, len(self.prompts),
                  time.perf_counter() - started)
 
-    def measure(self, drafter, target) -> float:
-        was_training = drafter.training
-        drafter.eval()
+    def measure(self, pl_module: L.LightningModule) -> float:
+        drafter, heads, target = pl_module.drafter, pl_module.heads, pl_module.target
+        was_training = pl_module.training
+        pl_module.eval()
         try:
-            proposer = self.make_proposer(drafter, target)
+            proposer = pl_module.family.proposer(drafter, heads, target)
             with single_thread_on_cpu(target.lm_head.weight.device):
                 generations = [generate(target, proposer, prompt, self.max_new_tokens, self.stop_token_ids, Sampler())
                                for prompt in self.prompts]
         finally:
-            drafter.train(was_training)
+            pl_module.train(was_training)
         return float(acceptance_stats(generations, proposer.block_size)["tau"])

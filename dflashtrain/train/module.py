@@ -1,7 +1,8 @@
 """The LightningModule: frozen target -> anchors and blocks -> drafter -> chunked objective -> global reduction.
 
-It receives built objects and never reads the config. The target is held as a plain attribute (not a registered
-submodule), so it is absent from the optimizer, the state dict and every checkpoint by construction.
+It receives built objects and never reads the config (docs/architecture.md, one training step). The target is held
+as a plain attribute (not a registered submodule), so it is absent from the optimizer, the state dict and every
+checkpoint by construction; the drafting family's extra modules (``heads``) are registered beside the drafter.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ from typing import Any, Callable, Dict, List, Optional
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from dflashtrain.config.schema import AttentionBackend
 from dflashtrain.data.blocks import DraftBlocks, make_blocks, sample_anchors
-from dflashtrain.models.dflash import DFlashDrafter
-from dflashtrain.models.heads import DSparkHeads, slot_logits, teacher_forced_prev
+from dflashtrain.data.sampling import RowGenerators
+from dflashtrain.families import DraftingFamily
 from dflashtrain.models.masks import AnchorAttentionMask
+from dflashtrain.models.target import FrozenTarget, TargetStates
 from dflashtrain.objectives.chunked import chunked_objective, teacher_logits
-from dflashtrain.objectives.core import ChunkLoss
-from dflashtrain.objectives.dspark import CONFIDENCE_LOGITS
-from dflashtrain.objectives.metrics import summarize
-from dflashtrain.target import FrozenTarget, TargetStates
+from dflashtrain.objectives.metrics import SlotCounts, summarize
+from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, Objective, check_objective
 
 log = logging.getLogger(__name__)
 EPS = 1e-8
@@ -42,33 +43,60 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float) ->
     return factor
 
 
+def loss_numerator(total: ChunkLoss, coefficients: Dict[str, float]) -> Tensor:
+    """Σ_t α_t · num_t. The objective's coefficients must name exactly its loss terms."""
+    if set(coefficients) != set(total.terms):
+        raise ValueError(f"the objective's coefficients {sorted(coefficients)} do not name its loss terms "
+                         f"{sorted(total.terms)}")
+    return sum(alpha * total.terms[name] for name, alpha in coefficients.items())
+
+
+def local_denominator(total: ChunkLoss, normalizer: Normalizer, num_sequences: int) -> Tensor:
+    """This rank's share of the loss's denominator (docs/conventions.md, reduction), a new fp32 tensor."""
+    if normalizer == Normalizer.weight:
+        return total.weight_sum.detach().float().clone()
+    if normalizer == Normalizer.tokens:
+        return total.token_sum.detach().float().clone()
+    if normalizer == Normalizer.sequences:
+        return torch.tensor(float(num_sequences), device=total.weight_sum.device)
+    raise ValueError(f"unknown normalizer {normalizer!r}; valid: {[n.value for n in Normalizer]}")
+
+
 class DraftModule(L.LightningModule):
     def __init__(
         self,
-        drafter: DFlashDrafter,
+        drafter: nn.Module,
+        heads: Optional[nn.Module],
         target: FrozenTarget,
-        objective: Any,
+        objective: Objective,
+        family: DraftingFamily,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_factor: Callable[[int], float],
         num_anchors: int,
         chunk_blocks: int,
-        attention: str = "auto",
-        checkpoint_metadata: Optional[Dict[str, Any]] = None,
-        heads: Optional[DSparkHeads] = None,
+        attention: AttentionBackend,
+        seed: int,
+        max_length: int,
+        checkpoint_metadata: Dict[str, Any],
     ):
         super().__init__()
+        self.objective = check_objective(objective)
+        if objective.family != family.name or objective.label_offset != family.label_offset:
+            raise ValueError(f"objective {objective.name} (family {objective.family}, label offset "
+                             f"{objective.label_offset}) does not fit family {family.name} (label offset "
+                             f"{family.label_offset})")
         self.drafter = drafter
-        self.heads = heads  # DSpark Markov/confidence heads: registered, so optimized and checkpointed
-        if heads is not None and objective.label_offset != 1:
-            raise ValueError("the DSpark heads need the next-token convention (objective.label_offset = 1)")
+        self.heads = heads  # the family's extra modules: registered, so optimized and checkpointed
         self.__dict__["target"] = target  # plain attribute: never registered, never checkpointed
-        self.objective = objective
+        self.family = family
         self.make_optimizer = optimizer
         self.lr_factor = lr_factor
         self.num_anchors = num_anchors
         self.chunk_blocks = chunk_blocks
-        self.attention = attention
-        self.checkpoint_metadata = checkpoint_metadata or {}
+        self.attention = AttentionBackend(attention)
+        self.seed = seed  # with the epoch and each row's dataset index, it seeds the row's anchors (and prefixes)
+        self.max_length = max_length  # anchor scores are drawn for max_length positions, whatever the padding
+        self.checkpoint_metadata = checkpoint_metadata
         self.skipped_empty_steps = 0
         self._step_started = 0.0
 
@@ -78,12 +106,30 @@ class DraftModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.target.to(self.device)  # the strategy has placed the module by now
-        reduction = getattr(self.objective, "reduction", None)  # D-PACE names its reduction (SPEC §4)
-        log.info("objective %s, reduction %s (normalizer %s)", self.objective.name,
-                 getattr(reduction, "value", reduction) or self.objective.normalizer, self.objective.normalizer)
 
     def use_flex(self) -> bool:
-        return self.attention == "flex" or (self.attention == "auto" and self.device.type == "cuda")
+        return self.attention == AttentionBackend.flex or (
+            self.attention == AttentionBackend.auto and self.device.type == "cuda")
+
+    def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        """The drafter's parameters and the family's heads' (the frozen target is never among them)."""
+        modules = [self.drafter] + ([self.heads] if self.heads is not None else [])
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+    def blocks_for(self, batch: Dict[str, Any]) -> DraftBlocks:
+        """Anchors, then the blocks the objective trains on (its prepare_blocks: VP shows a visible prefix).
+
+        Every random draw of a row comes from its own generator (seed, epoch, dataset index): the same on resume,
+        on any rank and in any batch the row lands in.
+        """
+        rng = RowGenerators(self.seed, self.current_epoch, batch["row_keys"], batch["loss_mask"].device)
+        anchors, keep = sample_anchors(batch["loss_mask"], self.num_anchors, uniforms=rng.uniform(self.max_length))
+        if not keep.any():
+            raise ValueError(f"no valid anchor in the batch (sample ids {batch['sample_ids'].tolist()})")
+        geometry = self.drafter.geometry
+        blocks = make_blocks(batch["input_ids"], batch["loss_mask"], anchors, keep, geometry.block_size,
+                             geometry.mask_token_id, self.objective.label_offset)
+        return self.objective.prepare_blocks(blocks, batch["input_ids"], rng)
 
     def draft_hidden(self, blocks: DraftBlocks, states: TargetStates) -> Tensor:
         """Drafter forward over all N blocks at once -> final hidden [b, N, B, d]."""
@@ -96,33 +142,9 @@ class DraftModule(L.LightningModule):
         hidden = self.drafter(block_embeds, states.tapped, blocks.position_ids.view(batch, -1), mask)
         return hidden.view(batch, num_blocks, block_size, -1)
 
-    def logits(self, hidden: Tensor, blocks: DraftBlocks):
-        """hidden [b, c, B, d] -> (logits [b, c, B, V], extras). With DSpark heads: z = lm_head(h) + W2·W1[prev]
-        (teacher-forced prev) and extras["confidence_logits"] = u [b, c, B] when the confidence head exists."""
-        if self.heads is None:
-            return self.target.lm_head(hidden), {}
-        logits, confidence = slot_logits(hidden, teacher_forced_prev(blocks), self.target.lm_head, self.heads)
-        return logits, {} if confidence is None else {CONFIDENCE_LOGITS: confidence}
-
-    def trainable_parameters(self) -> List[torch.nn.Parameter]:
-        """The drafter's parameters and the DSpark heads' (the frozen target is never among them)."""
-        modules = [self.drafter] + ([self.heads] if self.heads is not None else [])
-        return [p for module in modules for p in module.parameters() if p.requires_grad]
-
-    def loss_coefficients(self, total: ChunkLoss) -> Dict[str, float]:
-        """Loss term name -> α. An objective without ``coefficients`` sums all its terms with α = 1."""
-        return getattr(self.objective, "coefficients", None) or {name: 1.0 for name in total.terms}
-
-    def blocks_for(self, batch: Dict[str, Tensor]) -> DraftBlocks:
-        anchors, keep = sample_anchors(batch["loss_mask"], self.num_anchors)
-        if not keep.any():
-            raise ValueError(f"no valid anchor in the batch (sample ids {batch['sample_ids'].tolist()})")
-        blocks = make_blocks(
-            batch["input_ids"], batch["loss_mask"], anchors, keep,
-            self.drafter.geometry.block_size, self.drafter.geometry.mask_token_id, self.objective.label_offset,
-        )
-        prepare = getattr(self.objective, "prepare_blocks", None)
-        return prepare(blocks, batch["input_ids"]) if prepare is not None else blocks
+    def chunk_logits(self, hidden: Tensor, blocks: DraftBlocks):
+        """hidden [b, c, B, d] -> (logits [b, c, B, V], extras): the family's logits (DSpark adds the Markov bias)."""
+        return self.family.logits(hidden, blocks, self.target.lm_head, self.heads)
 
     # ------------------------------------------------------------------------------------------ step
     def forward_loss(self, batch: Dict[str, Tensor], chunk_blocks: int, use_checkpoint: bool = True):
@@ -131,20 +153,17 @@ class DraftModule(L.LightningModule):
         blocks = self.blocks_for(batch)
         hidden = self.draft_hidden(blocks, states)
         teacher = None
-        if getattr(self.objective, "needs_teacher", False):
+        if self.objective.needs_teacher:
             teacher = lambda positions: teacher_logits(states.final_hidden, positions, self.target.lm_head)  # noqa: E731
-        total, counts = chunked_objective(
-            hidden, blocks, self.objective, self.logits, chunk_blocks, teacher=teacher, use_checkpoint=use_checkpoint
-        )
+        total, counts = chunked_objective(hidden, blocks, self.objective, self.chunk_logits, chunk_blocks,
+                                          teacher=teacher, use_checkpoint=use_checkpoint)
         return total, counts, blocks
 
     def reduce(self, total: ChunkLoss, num_sequences: int) -> Optional[Tensor]:
-        """SPEC §2.4: W · num_local / (den_global + ε), den all-reduced and detached; None if den_global = 0."""
-        numerator = sum(alpha * total.terms[name] for name, alpha in self.loss_coefficients(total).items())
-        local_den = {"weight": total.weight_sum, "tokens": total.token_sum}.get(
-            self.objective.normalizer, torch.tensor(float(num_sequences), device=self.device)
-        )
-        global_den = self.trainer.strategy.reduce(local_den.detach().float(), reduce_op="sum")
+        """W · num_local / (den_global + ε), den all-reduced (on a copy) and detached; None if den_global = 0."""
+        numerator = loss_numerator(total, self.objective.coefficients)
+        local_den = local_denominator(total, self.objective.normalizer, num_sequences)
+        global_den = self.trainer.strategy.reduce(local_den, reduce_op="sum")
         if global_den <= 0:
             return None
         return self.trainer.world_size * numerator / (global_den + EPS)
@@ -157,23 +176,17 @@ class DraftModule(L.LightningModule):
             log.warning("step %d: no supervised slot in the global batch; skipped (%d so far)",
                         self.global_step, self.skipped_empty_steps)
             return None
-        self.log_step(loss, total, counts, blocks, batch)
+        self.log_step(loss, total, counts, batch["input_ids"].shape[0])
         return loss
 
     # ------------------------------------------------------------------------------------------ logging
-    def log_step(self, loss: Tensor, total: ChunkLoss, counts, blocks: DraftBlocks, batch: Dict[str, Tensor]) -> None:
-        size = batch["input_ids"].shape[0]
+    def log_step(self, loss: Tensor, total: ChunkLoss, counts: SlotCounts, size: int) -> None:
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         den = total.weight_sum.clamp(min=EPS)
-        for name in self.loss_coefficients(total):  # each term un-weighted by its α: Σ w·m·ℓ / Σ w·m
+        for name in self.objective.coefficients:  # each term un-weighted by its α: Σ w·m·ℓ / Σ w·m
             self.log(f"train/{name}", total.terms[name].detach() / den, batch_size=size)
-        kept = blocks.block_keep
-        first_drafted = blocks.drafted.float().argmax(dim=-1)[kept].float()  # DFlash 1, next-token 0, VP p
-        first_name = getattr(self.objective, "first_drafted_metric", "first_drafted_slot")  # VP: "prefix_len" (mean p)
-        self.log(f"train/{first_name}", first_drafted.mean(), batch_size=size)
         metrics = summarize(counts)
-        if hasattr(self.objective, "metrics"):  # objective-specific (DSpark: tau_probabilistic, confidence error)
-            metrics.update(self.objective.metrics(total, counts))
+        metrics.update(self.objective.metrics(total, counts))
         for name, value in metrics.items():
             self.log(f"train/{name}", value, prog_bar=name in ("acc", "tau_est"), batch_size=size)
         mean_weight = total.slot_weight_sum / counts.valid.clamp(min=1)

@@ -1,4 +1,4 @@
-"""Speculative decoding with a DFlash drafter (SPEC §8): the loop users judge a drafter by.
+"""Speculative decoding with a DFlash-family drafter (docs/decoding.md): the loop users judge a drafter by.
 
 One sequence at a time (batch 1), KV caches on both sides:
 
@@ -16,8 +16,8 @@ One sequence at a time (batch 1), KV caches on both sides:
 The drafting of a block is a *proposer* object, so drafting modes plug in without touching the loop:
 :class:`DFlashProposer` (one non-causal pass; :meth:`DFlashProposer.draft_hidden` takes a visible prefix of any
 length p: VP re-drafting), :class:`D2SDProposer` (the DFlash block plus rows re-drafted by a variable-prefix
-drafter, verified together), :class:`PlainDecoding` (block size 1: the baseline). A DSpark proposer (sequential
-Markov-head drafting after one backbone pass) implements the same ``propose``.
+drafter, verified together), :class:`PlainDecoding` (block size 1: the baseline). A drafting family brings its own
+(``DraftingFamily.proposer``; DSpark: sequential Markov-head drafting after one backbone pass).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from dflashtrain.models.dflash import ContextCache, DFlashDrafter
-from dflashtrain.target import FrozenTarget
+from dflashtrain.models.target import FrozenTarget
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -97,7 +97,7 @@ class TargetSession:
         )
         self.cache = out.past_key_values
         tapped = None
-        if self.with_features:  # hidden_states[i + 1] is the output of layer i (SPEC §1)
+        if self.with_features:  # hidden_states[i + 1] is the output of layer i (docs/architecture.md)
             tapped = torch.cat([out.hidden_states[i + 1] for i in self.target.layer_ids], dim=-1)
         return out.logits, tapped
 

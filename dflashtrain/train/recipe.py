@@ -1,6 +1,7 @@
 """The training recipe, top to bottom: check the config, build the parts, fit.
 
-Every check that can fail runs before any weight is loaded or any output is written.
+Every check that can fail runs before any weight is loaded or any output is written. ``run`` validates and fits;
+the CLI, which has validated already (before importing torch), calls ``fit``.
 """
 
 from __future__ import annotations
@@ -14,26 +15,25 @@ from typing import Any, Dict, List
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from dflashtrain.config import ConfigError
-from dflashtrain.checks import validate, validate_against_target
+from dflashtrain.config.checks import validate, validate_against_target
+from dflashtrain.config.schema import ConfigError, LoggerName
 from dflashtrain.data.datamodule import ChatDataModule
-from dflashtrain.guards import NonFiniteGuard, check_checkpoint_dir, check_resume_matches
-from dflashtrain.models.dflash import DFlashDrafter
-from dflashtrain.models.heads import DSparkHeads
-from dflashtrain.module import DraftModule, warmup_cosine
-from dflashtrain.parallelism import build_strategy
-from dflashtrain.target import (
+from dflashtrain.families import family_checks, get_family
+from dflashtrain.models.target import (
     FrozenTarget,
     drafter_geometry,
     load_target_config,
     load_tokenizer,
     resolve_mask_token_id,
 )
+from dflashtrain.objectives import build_objective
+from dflashtrain.train.guards import NonFiniteGuard, check_checkpoint_dir, check_resume_matches
+from dflashtrain.train.module import DraftModule, warmup_cosine
+from dflashtrain.train.parallelism import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,9 @@ def check_output_dir(output_dir: str) -> Path:
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> List[Any]:
-    if cfg.logger.name == "tensorboard":
+    if cfg.logger.name == LoggerName.tensorboard:
         return [TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="")]
-    if cfg.logger.name == "csv":
+    if cfg.logger.name == LoggerName.csv:
         return [CSVLogger(save_dir=str(output_dir), name="csv", version="")]
     return []
 
@@ -63,8 +63,8 @@ def build_tau_eval(cfg: DictConfig, tokenizer) -> List[L.Callback]:
     """val/tau by speculative decoding every eval.every_n_steps steps, on data.eval_path prompts (if any)."""
     if cfg.eval.every_n_steps == 0 or cfg.data.eval_path is None:
         return []
-    from dflashtrain.callbacks import TauEvalCallback
-    from dflashtrain.evaluate import read_prompts, stop_token_ids
+    from dflashtrain.data.prompts import read_prompts, stop_token_ids
+    from dflashtrain.train.callbacks import TauEvalCallback
 
     return [TauEvalCallback(
         prompts=read_prompts(cfg.data.eval_path, tokenizer, cfg.eval.num_prompts, cfg.data.on_bad_row),
@@ -75,8 +75,13 @@ def build_tau_eval(cfg: DictConfig, tokenizer) -> List[L.Callback]:
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
-    """Train a drafter as the config says; returns the last logged metrics."""
+    """Check the config, then train a drafter as it says; returns the last logged metrics."""
     validate(cfg)
+    return fit(cfg)
+
+
+def fit(cfg: DictConfig) -> Dict[str, float]:
+    """Train a drafter from a validated config; returns the last logged metrics."""
     target_config = load_target_config(cfg.model.target.path)
     validate_against_target(cfg, target_config)
     output_dir = check_output_dir(cfg.paths.output_dir)
@@ -86,61 +91,67 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     geometry = drafter_geometry(target_config, cfg.model.drafter, mask_token_id)
     if cfg.resume_from is not None:
         check_resume_matches(cfg.resume_from, asdict(geometry))
-    objective = instantiate(cfg.loss, _convert_="object")
+    objective = build_objective(OmegaConf.to_object(cfg.loss))
+    family = get_family(objective.family)
+    head_options = family_checks(family.name).head_options(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
-    block_size = cfg.model.drafter.block_size
+    data = cfg.data
     datamodule = ChatDataModule(
         tokenizer=tokenizer,
-        path=cfg.data.path,
-        max_length=cfg.data.max_length,
-        min_supervised_tokens=2 * block_size,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        shuffle=cfg.data.shuffle,
-        on_bad_row=cfg.data.on_bad_row,
-        pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+        path=data.path,
+        max_length=data.max_length,
+        min_supervised_tokens=2 * geometry.block_size,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+        shuffle=data.shuffle,
+        on_bad_row=data.on_bad_row,
+        pad_to_multiple_of=data.pad_to_multiple_of,
+        seed=cfg.seed,
     )
     datamodule.setup("fit")  # tokenize now: bad rows fail before the target is loaded
 
     target = FrozenTarget.load(cfg.model.target.path, cfg.model.target.dtype, geometry.target_layer_ids)
-    drafter = DFlashDrafter(geometry)
-    markov_rank = cfg.model.drafter.markov_rank
-    uses_confidence = bool(getattr(objective, "uses_confidence", False))
-    heads = None  # DSpark's Markov (and confidence) heads, beside the drafter
-    if markov_rank > 0:
-        heads = DSparkHeads(target_config.vocab_size, geometry.hidden_size, markov_rank, uses_confidence)
     optim = cfg.optim
     module = DraftModule(
-        drafter=drafter,
+        drafter=family.build_drafter(geometry, head_options),
+        heads=family.build_heads(target_config.vocab_size, geometry.hidden_size, head_options),
         target=target,
         objective=objective,
+        family=family,
         optimizer=functools.partial(
             torch.optim.AdamW, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
         ),
         lr_factor=warmup_cosine(cfg.trainer.max_steps, optim.warmup_ratio, optim.min_lr_ratio),
-        num_anchors=cfg.data.num_anchors,
+        num_anchors=data.num_anchors,
         chunk_blocks=cfg.model.drafter.logits_chunk_blocks,
         attention=cfg.model.drafter.attention,
-        heads=heads,
+        seed=cfg.seed,
+        max_length=data.max_length,
         checkpoint_metadata={
             "geometry": asdict(geometry),
+            "family": family.name,
+            "head_options": head_options,
+            "objective": objective.name,
+            "label_offset": objective.label_offset,
             "num_target_layers": target_config.num_hidden_layers,
+            "vocab_size": target_config.vocab_size,
             "target_path": os.path.abspath(cfg.model.target.path),
-            "label_offset": objective.label_offset,  # 0 DFlash convention, 1 next-token (DSpark)
-            "heads": {"markov_rank": markov_rank, "confidence_head": heads is not None and uses_confidence},
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         },
     )
     log.info("drafter: %.2fM trainable parameters, taps %s, mask token %d",
              sum(p.numel() for p in module.trainable_parameters()) / 1e6, geometry.target_layer_ids, mask_token_id)
+    loss_settings = OmegaConf.to_container(cfg.loss, resolve=True, enum_to_str=True)
+    log.info("objective %s (family %s): %s", objective.name, family.name,  # e.g. D-PACE's reduction, stated once
+             ", ".join(f"{key} {value}" for key, value in loss_settings.items()))
 
     trainer = L.Trainer(
         default_root_dir=str(output_dir),
         max_steps=cfg.trainer.max_steps,
         max_epochs=cfg.trainer.max_epochs,
         accelerator=cfg.trainer.accelerator,
-        strategy=build_strategy(cfg),
+        strategy=build_strategy(cfg.parallelism),
         devices=cfg.parallelism.devices,
         num_nodes=cfg.parallelism.num_nodes,
         precision=cfg.trainer.precision,
@@ -165,6 +176,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
             *build_tau_eval(cfg, tokenizer),
         ],
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the datamodule shards global batches itself (data/sampling.py)
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from)

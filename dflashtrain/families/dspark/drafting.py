@@ -1,4 +1,4 @@
-"""DSpark sequential drafting for inference (SPEC §6, §8): one backbone pass, then a left-to-right Markov loop.
+"""DSpark sequential drafting for inference (docs/objectives.md, dspark; docs/decoding.md): one backbone pass, then a left-to-right Markov loop.
 
 The drafter's backbone drafts a block in one non-causal pass (hidden h_0..h_{B−1}); only the cheap Markov bias
 is sequential. In the next-token convention slot k proposes the token after position a + k, so:
@@ -12,7 +12,7 @@ is sequential. In the next-token convention slot k proposes the token after posi
 With teacher forcing (prev = the data tokens) this is exactly the training logits hook; the tests check that the
 loop reproduces those logits when it is fed the same tokens.
 
-:class:`DSparkProposer` plugs this into the speculative decoding loop (``dflashtrain.decode``): the backbone pass
+:class:`DSparkProposer` plugs this into the speculative decoding loop (``dflashtrain.inference.decode``): the backbone pass
 and the context cache are DFlash's (composed, not inherited); a round verifies ``[anchor, t_0, …, t_{B−1}]``,
 i.e. B + 1 tokens per target forward for B drafts.
 """
@@ -20,16 +20,16 @@ i.e. B + 1 tokens per target forward for B drafts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dflashtrain.decode import DFlashProposer, Proposal, Proposer, Sampler
+from dflashtrain.families.dspark.heads import DSparkHeads, slot_logits
+from dflashtrain.inference.decode import DFlashProposer, Proposal, Sampler
 from dflashtrain.models.dflash import DFlashDrafter
-from dflashtrain.models.heads import DSparkHeads, slot_logits
-from dflashtrain.target import FrozenTarget
+from dflashtrain.models.target import FrozenTarget
 
 
 @dataclass
@@ -115,14 +115,3 @@ class DSparkProposer:
         hidden = self.backbone.draft_hidden(anchor_ids, start).to(lm_head.weight.dtype)  # [B, d]
         draft = draft_sequential(hidden, anchor, lm_head, self.heads, sampler.temperature, sampler.generator)
         return Proposal(tokens=draft.tokens, probs=None if sampler.greedy else draft.probs)
-
-
-ProposerFactory = Callable[[DFlashDrafter, FrozenTarget], Proposer]
-
-
-def proposer_factory(label_offset: int, heads: Optional[DSparkHeads]) -> ProposerFactory:
-    """(drafter, target) -> the drafting mode its training convention needs: DSpark's sequential drafting for a
-    next-token drafter (label_offset 1, heads may be None), DFlash's one-pass drafting otherwise."""
-    if label_offset == 1:
-        return lambda drafter, target: DSparkProposer(drafter, target, heads)
-    return DFlashProposer

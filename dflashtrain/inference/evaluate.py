@@ -1,5 +1,5 @@
 """The eval recipe (`dflashtrain-eval`), top to bottom: check the config, load drafter and target, decode held-out
-prompts speculatively and with block size 1, report τ, acceptance and speedup (SPEC §8).
+prompts speculatively and with block size 1, report τ, acceptance and speedup (docs/decoding.md).
 
     τ          mean over all rounds of (accepted + 1)  (tokens committed per target verification, bonus included)
     histogram  rounds per accepted length 0..B-1
@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
 
-from dflashtrain.config import BadRowPolicy, ConfigError
-from dflashtrain.data.datamodule import DataSummary, read_chat_rows
-from dflashtrain.decode import (
+from dflashtrain.config.schema import ConfigError
+from dflashtrain.data.prompts import read_prompts, stop_token_ids
+from dflashtrain.export.checkpoint import load_checkpoint, resolve_checkpoint
+from dflashtrain.export.hf import load_exported
+from dflashtrain.inference.decode import (
     D2SDProposer,
     DFlashProposer,
     Generation,
@@ -35,48 +35,9 @@ from dflashtrain.decode import (
     generate,
     single_thread_on_cpu,
 )
-from dflashtrain.dspark_drafting import ProposerFactory, proposer_factory
-from dflashtrain.export import WEIGHTS_FILE, load_checkpoint, load_exported, resolve_checkpoint
-from dflashtrain.models.dflash import DFlashDrafter
-from dflashtrain.models.heads import heads_from_export
-from dflashtrain.target import DTYPES, FrozenTarget, load_target_config, load_tokenizer
+from dflashtrain.models.target import DTYPES, FrozenTarget, load_target_config, load_tokenizer
 
 log = logging.getLogger(__name__)
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")  # end-of-turn tokens of common chat templates
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-def prompt_messages(messages: Sequence[dict]) -> List[dict]:
-    """The conversation up to (not including) its last assistant turn; all of it if there is none."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-    return list(messages[:last])
-
-
-def read_prompts(path: str, tokenizer, limit: Optional[int], policy: str = "error") -> List[List[int]]:
-    """Chat JSONL -> token ids of the first ``limit`` prompts, rendered with the generation prompt."""
-    rows = read_chat_rows(path, BadRowPolicy(policy), DataSummary(path=path, max_length=0))
-    prompts = []
-    for row in rows[:limit]:
-        rendered = tokenizer.apply_chat_template(prompt_messages(json.loads(row["messages"])), tokenize=True,
-                                                 add_generation_prompt=True, return_dict=True)
-        prompts.append(list(rendered["input_ids"]))
-    return prompts
-
-
-def stop_token_ids(tokenizer, target_path: str) -> List[int]:
-    """eos of the tokenizer, of the target's config and generation config, and the usual end-of-turn tokens."""
-    ids = {tokenizer.eos_token_id}
-    configs = [load_target_config(target_path)]
-    try:
-        configs.append(GenerationConfig.from_pretrained(target_path, local_files_only=True))
-    except OSError:  # no generation_config.json
-        pass
-    for config in configs:
-        eos = getattr(config, "eos_token_id", None)
-        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[token] for token in STOP_TOKENS if token in vocab)
-    return sorted(i for i in ids if i is not None)
 
 
 def pick_device(name: str) -> torch.device:
@@ -85,24 +46,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_drafter(cfg: DictConfig) -> Tuple[DFlashDrafter, Optional[str], Dict[str, Any], ProposerFactory]:
-    """-> (drafter, the target path it was trained with or None, what was loaded, its drafting mode).
-    drafter_dir wins over ckpt. The mode is DFlash's, or DSpark's sequential drafting through its heads."""
+def load_drafter(cfg: DictConfig) -> Tuple[Any, Optional[str], Dict[str, Any]]:
+    """-> (the loaded drafter with its heads and family, the target path it was trained with or None, what was
+    loaded). drafter_dir wins over ckpt_path."""
     if cfg.drafter_dir is not None:
-        drafter, config = load_exported(Path(cfg.drafter_dir))
-        heads = heads_from_export(load_file(str(Path(cfg.drafter_dir, WEIGHTS_FILE))), config)
-        label_offset = (config.get("dspark_config") or {}).get("label_offset", 0)
-        return (drafter, None, {"drafter_dir": os.path.abspath(cfg.drafter_dir)},
-                proposer_factory(label_offset, heads))
+        return load_exported(Path(cfg.drafter_dir)), None, {"drafter_dir": os.path.abspath(cfg.drafter_dir)}
     path = resolve_checkpoint(cfg.ckpt_path)
-    drafter, meta = load_checkpoint(path)
-    return (drafter, meta["target_path"], {"ckpt_path": str(path.resolve()), "global_step": meta.get("global_step")},
-            proposer_factory(meta.get("label_offset", 0), meta["dspark_heads"]))
+    loaded = load_checkpoint(path)
+    return loaded, loaded.meta["target_path"], {"ckpt_path": str(path.resolve()),
+                                                "global_step": loaded.meta.get("global_step")}
 
 
-def load_second_drafter(path: str) -> DFlashDrafter:
+def load_second_drafter(path: str):
     """The D²SD variable-prefix drafter: a training .ckpt or an exported directory."""
-    return load_exported(Path(path))[0] if Path(path).is_dir() else load_checkpoint(Path(path), "vp_drafter")[0]
+    loaded = load_exported(Path(path)) if Path(path).is_dir() else load_checkpoint(Path(path), "vp_drafter")
+    if loaded.family.name != "dflash":
+        raise ConfigError("vp_drafter", f"{path} holds a {loaded.family.name} drafter; D²SD re-drafts with a "
+                                        "dflash-family drafter trained with loss=vp_drafter")
+    return loaded.drafter
 
 
 def validate_eval(cfg: DictConfig) -> None:
@@ -113,9 +74,7 @@ def validate_eval(cfg: DictConfig) -> None:
         raise ConfigError("max_new_tokens", f"must be > 0, got {cfg.max_new_tokens}")
     if cfg.temperature < 0:
         raise ConfigError("temperature", f"must be >= 0 (0 = greedy), got {cfg.temperature}")
-    if cfg.model.target.dtype not in DTYPES:
-        raise ConfigError("model.target.dtype", f"must be one of {sorted(DTYPES)}, got {cfg.model.target.dtype}")
-    if cfg.data.eval_path is None or not os.path.isfile(cfg.data.eval_path):
+    if not os.path.isfile(cfg.data.eval_path):
         raise ConfigError("data.eval_path", f"no prompt file (chat JSONL) at {cfg.data.eval_path!r}")
     if cfg.drafter_dir is not None and not Path(cfg.drafter_dir, "config.json").is_file():
         raise ConfigError("drafter_dir", f"no exported drafter (config.json) in {cfg.drafter_dir!r}")
@@ -126,11 +85,11 @@ def validate_eval(cfg: DictConfig) -> None:
             raise ConfigError("temperature", "must be 0 with vp_drafter (D²SD candidate rows are verified greedily)")
         if cfg.d2sd_branches < 1:
             raise ConfigError("d2sd_branches", f"must be >= 1, got {cfg.d2sd_branches}")
-    if cfg.drafter_dir is not None and OmegaConf.is_missing(cfg.model.target, "path"):
+    if cfg.drafter_dir is not None and cfg.model.target.path is None:
         raise ConfigError("model.target.path", "is required with drafter_dir (an exported drafter records no target)")
 
 
-def check_pairing(drafter: DFlashDrafter, config: Any) -> None:
+def check_pairing(drafter: Any, config: Any) -> None:
     """The drafter fits the target (its config.json, read before any weight): hidden size, taps, mask row."""
     g = drafter.geometry
     if g.hidden_size != config.hidden_size:
@@ -178,9 +137,10 @@ def write_report(report: Dict[str, Any], output_dir: Path, step: int) -> None:
 # ---------------------------------------------------------------------------------------------- the recipe
 def run(cfg: DictConfig) -> Dict[str, Any]:
     validate_eval(cfg)
-    drafter, trained_target, source, make_proposer = load_drafter(cfg)
+    loaded, trained_target, source = load_drafter(cfg)
+    drafter = loaded.drafter
     second = load_second_drafter(cfg.vp_drafter) if cfg.vp_drafter is not None else None
-    target_path = trained_target if OmegaConf.is_missing(cfg.model.target, "path") else cfg.model.target.path
+    target_path = trained_target if cfg.model.target.path is None else cfg.model.target.path
     if not Path(target_path, "config.json").is_file():
         raise ConfigError("model.target.path", f"no Hugging Face model directory (config.json) at {target_path!r}")
     for model in filter(None, (drafter, second)):
@@ -196,8 +156,12 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     device = pick_device(cfg.device)
     dtype = DTYPES[cfg.model.target.dtype]
     target = FrozenTarget.load(target_path, cfg.model.target.dtype, drafter.geometry.target_layer_ids).to(device)
-    proposer = make_proposer(drafter.to(device=device, dtype=dtype), target)
+    heads = loaded.heads.to(device) if loaded.heads is not None else None  # heads stay in their stored dtype
+    proposer = loaded.family.proposer(drafter.to(device=device, dtype=dtype), heads, target)
     if second is not None:
+        if not isinstance(proposer, DFlashProposer):
+            raise ConfigError("vp_drafter", f"D²SD pairs two dflash-family drafters; the main drafter is "
+                                            f"{loaded.family.name}")
         proposer = D2SDProposer(proposer, DFlashProposer(second.to(device=device, dtype=dtype), target),
                                 cfg.d2sd_branches)
     block_size = proposer.block_size  # tokens per target verification, the anchor included
@@ -222,7 +186,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     report = summarize(speculative, baseline, block_size)
     if cfg.vp_drafter is not None:  # D²SD: how often a re-drafted row was the one committed
         report["branch_win_rate"] = sum(r > 0 for g in speculative for r in g.winning_rows) / max(report["rounds"], 1)
-    report.update(decoding="d2sd" if cfg.vp_drafter is not None else "dflash", block_size=block_size,
+    report.update(decoding="d2sd" if cfg.vp_drafter is not None else loaded.family.name, block_size=block_size,
                   temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                   device=str(device), target_path=str(target_path), eval_path=str(cfg.data.eval_path), **source)
     write_report(report, output_dir, step=source.get("global_step") or 0)

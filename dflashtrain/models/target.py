@@ -1,7 +1,7 @@
 """The frozen target: loading, tapped hidden states, and the drafter geometry derived from it.
 
 The target is deliberately *not* a registered submodule of the LightningModule: it stays out of the optimizer,
-out of every checkpoint and out of FSDP units by construction (see FSDP_FACTS.md), and is moved to the device
+out of every checkpoint and out of FSDP units by construction (docs/fsdp.md), and is moved to the device
 by the module itself.
 """
 
@@ -11,17 +11,17 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from dflashtrain.config import ConfigError
+from dflashtrain.config.schema import ConfigError
 from dflashtrain.models.dflash import DrafterGeometry
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # DType names
 
 
 def default_layer_ids(num_target_layers: int, num_taps: int) -> List[int]:
-    """SPEC §1: n = 1 -> [L // 2]; else round(1 + i·(L − 4)/(n − 1)). Qwen3-8B (36, 5) -> [1, 9, 17, 25, 33]."""
+    """The tap formula (docs/architecture.md): n = 1 -> [L // 2]; else round(1 + i·(L − 4)/(n − 1)). Qwen3-8B (36, 5) -> [1, 9, 17, 25, 33]."""
     if num_taps == 1:
         return [num_target_layers // 2]
     return [round(1 + i * (num_target_layers - 4) / (num_taps - 1)) for i in range(num_taps)]
@@ -59,7 +59,10 @@ def drafter_geometry(target_config, drafter_cfg, mask_token_id: int) -> DrafterG
     head_dim = getattr(target_config, "head_dim", None) or target_config.hidden_size // target_config.num_attention_heads
     rope_theta = getattr(target_config, "rope_theta", None)
     if rope_theta is None:  # transformers >= 5 keeps it under rope_parameters
-        rope_theta = (getattr(target_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        rope_theta = (getattr(target_config, "rope_parameters", None) or {}).get("rope_theta")
+    if rope_theta is None:  # a guess would silently train a drafter at the wrong positions
+        raise ConfigError("model.target.path", "the target's config.json gives no rope_theta (nor rope_parameters."
+                                               "rope_theta): the drafter's RoPE must equal the target's")
     return DrafterGeometry(
         hidden_size=target_config.hidden_size,
         intermediate_size=drafter_cfg.intermediate_size or target_config.intermediate_size,
@@ -73,6 +76,15 @@ def drafter_geometry(target_config, drafter_cfg, mask_token_id: int) -> DrafterG
         block_size=drafter_cfg.block_size,
         mask_token_id=mask_token_id,
     )
+
+
+def head_logits(hidden: Tensor, lm_head: nn.Module) -> Tensor:
+    """lm_head over the flattened rows: hidden [..., d] -> [..., V].
+
+    A slice [b, c, B, d] of the [b, N, B, d] states is not one matrix to ATen, which would run a batched matmul of
+    b·c tiny B-row matrices; one [b·c·B, d] matmul gives the same numbers at full speed.
+    """
+    return lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
 
 
 @dataclass
@@ -90,7 +102,8 @@ class FrozenTarget:
 
     @classmethod
     def load(cls, path: str, dtype: str, layer_ids: List[int]) -> "FrozenTarget":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                     local_files_only=True)
         return cls(model, layer_ids)
 
     @property

@@ -1,39 +1,21 @@
 """Checks that run before any weight is loaded: ranges, cross-group rules, and rules against the target's config.
 
-Each raises :class:`~dflashtrain.config.ConfigError` naming the key and what is allowed.
+Each raises :class:`~dflashtrain.config.schema.ConfigError` naming the key and what is allowed. ``validate`` runs
+once per launch: the CLI calls it before importing Lightning; ``dflashtrain.train.recipe.run`` for programmatic use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
 from omegaconf import DictConfig, OmegaConf
 
-from dflashtrain.config import LOSS_SCHEMAS, ConfigError, DSparkLossConfig, TrainConfig
-
-
-def validate_heads(markov_rank: int, loss: Any) -> None:
-    """The DSpark heads belong to the next-token objective: no Markov head elsewhere, no confidence head without W1."""
-    if markov_rank < 0:
-        raise ConfigError("model.drafter.markov_rank", f"must be >= 0 (0 = no Markov head), got {markov_rank}")
-    is_dspark = isinstance(loss, DSparkLossConfig)
-    if markov_rank > 0 and not is_dspark:
-        name = next((n for n, schema in LOSS_SCHEMAS.items() if isinstance(loss, schema)), type(loss).__name__)
-        raise ConfigError(
-            "model.drafter.markov_rank",
-            f"is {markov_rank}, but the Markov head is a DSpark head (next-token convention) and loss={name} uses the "
-            "DFlash convention; use loss=dspark or model.drafter.markov_rank=0",
-        )
-    if is_dspark and loss.conf_alpha > 0 and markov_rank == 0:
-        raise ConfigError(
-            "model.drafter.markov_rank",
-            f"must be > 0 while loss.conf_alpha={loss.conf_alpha} > 0: the confidence head reads W1[prev] of the "
-            "Markov head; set a rank, or loss.conf_alpha=0 for no confidence head",
-        )
-
+from dflashtrain.config.schema import LOSS_SCHEMAS, ConfigError, Strategy, TrainConfig
+from dflashtrain.families import family_checks
 
 
 def _positive(key: str, value: float, strict: bool = True) -> None:
@@ -56,16 +38,48 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-t
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
 
 
-def validate_structure(cfg: DictConfig) -> None:
-    """No unknown top-level key, no value left ``???``, and a loss node typed by its schema and aimed at its class.
+def loss_name(cfg: DictConfig) -> str:
+    """The loss=<name> option the config's loss node was composed from."""
+    schema = OmegaConf.get_type(cfg.loss)
+    names = {cls: name for name, cls in LOSS_SCHEMAS.items()}
+    if schema not in names:
+        raise ConfigError("loss", f"has no schema: a loss file starts with `defaults: [/schema/loss/<name>@_here_]`, "
+                                  f"<name> one of {', '.join(LOSS_SCHEMAS)}")
+    return names[schema]
 
-    The root node is open to ``+key=...`` and to overlay files, so a misspelt group would otherwise be ignored; an
-    untyped loss node, or a ``_target_`` that is not its schema's, would train an objective the config does not name.
+
+def unknown_keys(node: Any, schema: Any, prefix: str) -> List[str]:
+    """Keys of ``node`` that its dataclass ``schema`` does not declare, recursively (full dotted names).
+
+    ``+group.key=value`` and overlay files can add keys to a typed node; a misspelt key would then be ignored.
     """
+    if not (dataclasses.is_dataclass(schema) and OmegaConf.is_dict(node)):
+        return []
+    declared = {f.name: f for f in fields(schema)}
+    found = []
+    for key in node.keys():
+        if key not in declared:
+            found.append(f"{prefix}{key}")
+        elif OmegaConf.is_dict(node._get_node(key)) and not OmegaConf.is_missing(node, key):
+            found += unknown_keys(node[key], OmegaConf.get_type(node, key), f"{prefix}{key}.")
+    return found
+
+
+def validate_structure(cfg: DictConfig) -> None:
+    """No unknown key at any depth, no value left ``???``, and a loss node typed by one of the loss schemas."""
     known = {f.name for f in fields(TrainConfig)} | {"hydra"}
     for key in cfg.keys():
         if key not in known:
             raise ConfigError(str(key), f"unknown top-level key; valid: {', '.join(sorted(known - {'hydra'}))}")
+    name = loss_name(cfg)
+    for key in (k for k in cfg.keys() if k != "hydra"):
+        schema = OmegaConf.get_type(cfg, key)
+        extra = unknown_keys(cfg[key], schema, f"{key}.") if OmegaConf.is_dict(cfg._get_node(key)) else []
+        if extra:
+            owner = extra[0].rpartition(".")[0]
+            valid = _field_names(_schema_at(cfg, owner))
+            where = f" (loss={name})" if owner.startswith("loss") else ""
+            raise ConfigError(extra[0], f"unknown key{where}; valid: {', '.join(valid)}")
     missing = []
     for key in (k for k in cfg.keys() if k != "hydra"):  # Hydra's node resolves only inside a running app
         if OmegaConf.is_missing(cfg, key):
@@ -74,14 +88,16 @@ def validate_structure(cfg: DictConfig) -> None:
             missing += sorted(OmegaConf.missing_keys(cfg[key]))  # full keys, e.g. model.target.path
     if missing:
         raise ConfigError(missing[0], "is required and has no default: set it on the command line (key=value)")
-    schema = OmegaConf.get_type(cfg.loss)
-    names = {cls: name for name, cls in LOSS_SCHEMAS.items()}
-    if schema not in names:
-        raise ConfigError("loss", f"has no schema: a loss file starts with `defaults: [/schema/loss/<name>@_here_]`, "
-                                  f"<name> one of {', '.join(LOSS_SCHEMAS)}")
-    if cfg.loss._target_ != schema._target_:
-        raise ConfigError("loss._target_", f"must be {schema._target_} under the {names[schema]} schema; choose "
-                                           f"the objective with loss=<name> ({', '.join(LOSS_SCHEMAS)})")
+
+
+def _schema_at(cfg: DictConfig, dotted: str) -> Any:
+    parent, _, key = dotted.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return OmegaConf.get_type(node, key)
+
+
+def _field_names(schema: Any) -> List[str]:
+    return [f.name for f in fields(schema)] if dataclasses.is_dataclass(schema) else []
 
 
 def _validate_run(cfg: DictConfig) -> None:
@@ -136,8 +152,6 @@ def validate(cfg: DictConfig) -> None:
         _at_least("model.drafter.mask_token_id", drafter.mask_token_id, 0)
     if drafter.intermediate_size is not None:
         _positive("model.drafter.intermediate_size", drafter.intermediate_size)
-    if cfg.model.target.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError("model.target.dtype", f"must be float32, bfloat16 or float16, got {cfg.model.target.dtype}")
     target_path = cfg.model.target.path
     if not Path(target_path, "config.json").is_file():
         raise ConfigError("model.target.path", f"no Hugging Face model directory (config.json) at {target_path!r}")
@@ -146,6 +160,7 @@ def validate(cfg: DictConfig) -> None:
     _positive("data.num_anchors", data.num_anchors)
     _positive("data.batch_size", data.batch_size)
     _positive("data.num_workers", data.num_workers, strict=False)
+    _positive("data.pad_to_multiple_of", data.pad_to_multiple_of)
     if data.max_length < 2 * drafter.block_size:
         raise ConfigError("data.max_length", f"must be >= 2 * model.drafter.block_size = {2 * drafter.block_size}")
     if data.path is None:
@@ -168,16 +183,19 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.every_n_steps > 0 and cfg.data.eval_path is not None and not os.path.isfile(cfg.data.eval_path):
         raise ConfigError("data.eval_path", f"file not found: {cfg.data.eval_path} (eval.every_n_steps=0: no val/tau)")
 
-    if cfg.logger.name not in ("tensorboard", "csv", "none"):
-        raise ConfigError("logger.name", f"must be tensorboard, csv or none, got {cfg.logger.name}")
-    if cfg.parallelism.strategy not in ("auto", "ddp", "fsdp"):
-        raise ConfigError("parallelism.strategy", f"must be auto, ddp or fsdp, got {cfg.parallelism.strategy}")
-    if cfg.parallelism.strategy == "fsdp" and not _cuda_requested(cfg.trainer.accelerator):
+    if cfg.parallelism.strategy == Strategy.fsdp and not _cuda_requested(cfg.trainer.accelerator):
         raise ConfigError("parallelism.strategy", "fsdp needs GPUs (trainer.accelerator=gpu); use single or ddp on CPU")
     _validate_run(cfg)
-    loss = OmegaConf.to_object(cfg.loss)
-    loss.validate()
-    validate_heads(drafter.markov_rank, loss)
+    OmegaConf.to_object(cfg.loss).validate()
+    name = loss_name(cfg)
+    family_checks(objective_family(cfg)).check(cfg, name)
+
+
+def objective_family(cfg: DictConfig) -> str:
+    """The drafting family the configured objective trains (declared by its class)."""
+    from dflashtrain.objectives import objective_class
+
+    return objective_class(OmegaConf.get_type(cfg.loss)).family
 
 
 def validate_against_target(cfg: DictConfig, target_config: Any) -> None:
@@ -195,7 +213,7 @@ def validate_against_target(cfg: DictConfig, target_config: Any) -> None:
     elif num_layers < 2:
         raise ConfigError("model.target.path", f"the target needs >= 2 layers to be tapped, has {num_layers}")
     else:
-        from dflashtrain.target import default_layer_ids  # the tap formula of SPEC §1
+        from dflashtrain.models.target import default_layer_ids  # the tap formula (docs/architecture.md)
 
         taps = cfg.model.drafter.num_taps
         formula = default_layer_ids(num_layers, taps)

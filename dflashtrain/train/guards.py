@@ -24,7 +24,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from dflashtrain.config import ConfigError
+from dflashtrain.config.schema import ConfigError
+from dflashtrain.export.checkpoint import METADATA_KEY, read_checkpoint
 
 LAST_GOOD = "last-good-step{step:07d}"  # global_step = optimizer steps already applied to the saved weights
 
@@ -123,13 +124,7 @@ def check_checkpoint_dir(checkpoint_dir: Path, resume_from: Optional[str]) -> Pa
 
 def check_resume_matches(resume_from: str, geometry: Dict[str, Any]) -> None:
     """The checkpoint's drafter geometry must equal the config's (read memory-mapped: no weights are loaded)."""
-    try:
-        checkpoint = torch.load(resume_from, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ConfigError("resume_from", f"cannot read {resume_from} as a checkpoint: {error}") from None
-    saved = (checkpoint.get("dflashtrain") or {}).get("geometry") if isinstance(checkpoint, dict) else None
-    if saved is None:
-        raise ConfigError("resume_from", f"{resume_from} holds no dflashtrain metadata: not written by dflashtrain")
+    saved = read_checkpoint(Path(resume_from), "resume_from")[METADATA_KEY]["geometry"]
     for name, value in saved.items():
         if name in geometry and geometry[name] != value:
             source = GEOMETRY_SOURCES.get(name, "the target (model.target.path)")

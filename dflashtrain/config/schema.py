@@ -1,16 +1,16 @@
-"""Config schemas: one place per default.
+"""Config schemas: the one place where every default lives.
 
 YAML in ``conf/`` is composed by Hydra on top of these dataclasses, so an unknown key or a wrong type fails at
-compose time with the key's name. Enum fields reject unknown names and list the valid ones. Range and
-cross-group rules live in :mod:`dflashtrain.checks`; they raise :class:`ConfigError`, whose message starts with
-the offending key.
+compose time with the key's name, and an enum field rejects an unknown name listing the valid ones. Option files
+hold only what differs from these defaults; range and cross-group rules live in :mod:`dflashtrain.config.checks`.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Type
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -57,11 +57,29 @@ class BadRowPolicy(str, Enum):
     error = "error"
 
 
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class LoggerName(str, Enum):
+    tensorboard = "tensorboard"
+    csv = "csv"
+    none = "none"
+
+
+class Strategy(str, Enum):
+    auto = "auto"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 # ---------------------------------------------------------------------------------------------- model
 @dataclass
 class TargetConfig:
     path: str = MISSING  # local Hugging Face directory (config, weights, tokenizer)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: DType = DType.float32
 
 
 @dataclass
@@ -74,7 +92,7 @@ class DrafterConfig:
     intermediate_size: Optional[int] = None  # null: the target's
     attention: AttentionBackend = AttentionBackend.auto  # auto: flex on CUDA, SDPA elsewhere
     logits_chunk_blocks: int = 64  # blocks per lm_head + loss chunk (memory), per sequence
-    markov_rank: int = 0  # DSpark low-rank bigram head; 0 = none
+    markov_rank: int = 0  # dspark family only: low-rank bigram head rank; loss=dspark sets it
 
 
 @dataclass
@@ -85,34 +103,39 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------- loss
+# Each loss schema names the objective class it builds (``objective``, "module:Class") and the class receives the
+# schema's fields as keyword arguments; nothing else can be instantiated from a config. The decay γ follows the
+# block size (docs/objectives.md, decay) unless set.
+BLOCK_GAMMA = "${default_gamma:${model.drafter.block_size}}"
+
+
 @dataclass
 class DecayLossConfig:
-    """DFlash: exponentially decaying slot weights (SPEC §3)."""
+    """DFlash: exponentially decaying slot weights (docs/objectives.md, decay)."""
 
-    _target_: str = "dflashtrain.objectives.decay.DecayObjective"
-    gamma: Optional[float] = 7.0  # 0 or null: all weights 1
+    objective: ClassVar[str] = "dflashtrain.objectives.decay:DecayObjective"
+    gamma: Optional[float] = BLOCK_GAMMA  # type: ignore[assignment]  # 0 or null: all weights 1
     mask_mode: MaskMode = MaskMode.independent
     target: TargetKind = TargetKind.hard
 
     def validate(self) -> None:
-        if self.gamma is not None and self.gamma < 0:
-            raise ConfigError("loss.gamma", f"must be >= 0 or null, got {self.gamma}")
+        _gamma(self.gamma)
 
 
 @dataclass
 class DPaceLossConfig:
-    """D-PACE: detached confidence-derived slot weights (SPEC §4)."""
+    """D-PACE: detached confidence-derived slot weights (docs/objectives.md, dpace)."""
 
-    _target_: str = "dflashtrain.objectives.dpace.DPaceObjective"
-    alpha: float = 0.5
+    objective: ClassVar[str] = "dflashtrain.objectives.dpace:DPaceObjective"
+    alpha: float = 0.5  # in (0, 1]; 1 gives the linear ramp [L, L-1, ..., 1]
     mode: DPaceMode = DPaceMode.full
     reduction: Reduction = Reduction.weighted_mean
-    gamma: Optional[float] = None  # ignored under dpace; a value set here only triggers a warning
+    gamma: Optional[float] = None  # ignored under dpace; kept only so that setting it warns instead of failing
     mask_mode: MaskMode = MaskMode.independent
     target: TargetKind = TargetKind.hard
 
     def validate(self) -> None:
-        if not 0.0 < self.alpha <= 1.0:
+        if not 0.0 < self.alpha <= 1.0:  # also false for nan
             raise ConfigError("loss.alpha", f"must be in (0, 1], got {self.alpha}")
         if self.gamma is not None:
             import warnings
@@ -125,31 +148,29 @@ DEFAULT_PREFIX_WEIGHT_BASE = 0.9  # vp_drafter: P(p) ∝ base^p; also what a nul
 
 @dataclass
 class VPDrafterLossConfig:
-    """D²SD variable-prefix drafter (SPEC §5)."""
+    """D²SD variable-prefix drafter (docs/objectives.md, vp_drafter)."""
 
-    _target_: str = "dflashtrain.objectives.vp.VPDrafterObjective"
-    prefix_weight_base: Optional[float] = DEFAULT_PREFIX_WEIGHT_BASE  # P(p) ∝ base^p; null means the default
-    gamma: Optional[float] = 7.0  # decay from the first masked slot
+    objective: ClassVar[str] = "dflashtrain.objectives.vp:VPDrafterObjective"
+    prefix_weight_base: Optional[float] = DEFAULT_PREFIX_WEIGHT_BASE  # P(p) ∝ base^p, p in [2, B-1]; null: default
+    gamma: Optional[float] = BLOCK_GAMMA  # type: ignore[assignment]  # decay from the first masked slot
     include_anchor_only: bool = False  # allow p = 1
     mask_mode: MaskMode = MaskMode.independent
     target: TargetKind = TargetKind.hard
 
     def validate(self) -> None:
-        if self.prefix_weight_base is not None and not self.prefix_weight_base > 0:
+        base = self.prefix_weight_base
+        if base is not None and not 0.0 < base < float("inf"):
             raise ConfigError("loss.prefix_weight_base",
-                              f"must be > 0 (or null for {DEFAULT_PREFIX_WEIGHT_BASE}), got {self.prefix_weight_base}")
-        if self.gamma is not None and self.gamma < 0:
-            raise ConfigError("loss.gamma", f"must be >= 0 or null, got {self.gamma}")
+                              f"must be a finite number > 0 (or null for {DEFAULT_PREFIX_WEIGHT_BASE}), got {base}")
+        _gamma(self.gamma)
 
 
 @dataclass
 class DSparkLossConfig:
-    """DSpark: next-token convention, Markov-biased logits, CE + L1 to the target + confidence BCE (SPEC §6).
+    """DSpark: next-token convention, Markov-biased logits, CE + L1 to the target + confidence BCE
+    (docs/objectives.md, dspark). conf/loss/dspark.yaml also sets the Markov head's rank and the block size."""
 
-    conf/loss/dspark.yaml also sets model.drafter.markov_rank (the Markov head is part of this objective).
-    """
-
-    _target_: str = "dflashtrain.objectives.dspark.DSparkObjective"
+    objective: ClassVar[str] = "dflashtrain.objectives.dspark:DSparkObjective"
     ce_alpha: float = 0.1  # hard CE on the data token
     l1_alpha: float = 0.9  # L1 between the drafter's and the target's distributions
     conf_alpha: float = 1.0  # confidence-head BCE; 0 = no confidence head
@@ -158,12 +179,26 @@ class DSparkLossConfig:
 
     def validate(self) -> None:
         for key in ("ce_alpha", "l1_alpha", "conf_alpha"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"loss.{key}", f"must be >= 0, got {getattr(self, key)}")
+            value = getattr(self, key)
+            if not 0.0 <= value < float("inf"):
+                raise ConfigError(f"loss.{key}", f"must be a finite number >= 0, got {value}")
         if self.ce_alpha == 0 and self.l1_alpha == 0:
             raise ConfigError("loss.ce_alpha", "ce_alpha and l1_alpha are both 0: nothing would train the drafter")
-        if self.gamma is not None and self.gamma < 0:
-            raise ConfigError("loss.gamma", f"must be >= 0 or null, got {self.gamma}")
+        _gamma(self.gamma)
+
+
+def _gamma(gamma: Optional[float]) -> None:
+    if gamma is not None and not 0.0 <= gamma < float("inf"):
+        raise ConfigError("loss.gamma", f"must be a finite number >= 0, or null; got {gamma}")
+
+
+# loss=<name> -> its schema. Adding an objective: its module, conf/loss/<name>.yaml, and one line here.
+LOSS_SCHEMAS: Dict[str, Type[Any]] = {
+    "decay": DecayLossConfig,
+    "dpace": DPaceLossConfig,
+    "vp_drafter": VPDrafterLossConfig,
+    "dspark": DSparkLossConfig,
+}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -171,13 +206,13 @@ class DSparkLossConfig:
 class DataConfig:
     name: str = MISSING
     path: Optional[str] = None  # chat JSONL with a `messages` list per row
-    eval_path: Optional[str] = None  # held-out prompts for τ evaluation
-    max_length: int = 128
+    eval_path: Optional[str] = None  # held-out prompts for val/tau during training
+    max_length: int = 3072
     num_anchors: int = 512
     batch_size: int = 4
     num_workers: int = 0
     shuffle: bool = True
-    pad_to_multiple_of: int = 64  # batches are padded to a multiple of this length
+    pad_to_multiple_of: int = 64  # batches are padded to a multiple of this length (fewer compiled shapes)
     on_bad_row: BadRowPolicy = BadRowPolicy.error
 
 
@@ -185,10 +220,10 @@ class DataConfig:
 @dataclass
 class ParallelismConfig:
     name: str = "single"
-    strategy: str = "auto"  # auto | ddp | fsdp
-    devices: Any = 1
+    strategy: Strategy = Strategy.auto
+    devices: Any = 1  # a count, -1 / auto (all), or a list of device ids
     num_nodes: int = 1
-    sharding_strategy: str = "FULL_SHARD"  # fsdp only: FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD
+    sharding_strategy: str = "FULL_SHARD"  # fsdp only: FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
 
 
 @dataclass
@@ -205,8 +240,8 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 1000
     max_epochs: int = -1
-    accelerator: str = "auto"
-    precision: str = "32-true"
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | ...
     gradient_clip_val: Optional[float] = 1.0
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
@@ -216,7 +251,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "tensorboard"  # tensorboard | csv | none
+    name: LoggerName = LoggerName.tensorboard
 
 
 @dataclass
@@ -256,14 +291,32 @@ class TrainConfig:
     eval: TauEvalConfig = field(default_factory=TauEvalConfig)
 
 
+# ---------------------------------------------------------------------------------------------- eval, export
+@dataclass
+class EvalTargetConfig:
+    path: Optional[str] = None  # null: the target the checkpoint was trained with
+    dtype: DType = DType.float32
+
+
+@dataclass
+class EvalModelConfig:
+    target: EvalTargetConfig = field(default_factory=EvalTargetConfig)
+
+
+@dataclass
+class EvalDataConfig:
+    eval_path: str = "${asset:tiny/data/heldout.jsonl}"  # chat JSONL; a prompt = the messages before the last answer
+    on_bad_row: BadRowPolicy = BadRowPolicy.error
+
+
 @dataclass
 class EvalConfig:
-    """`dflashtrain-eval`: τ, acceptance and speedup of a drafter by speculative decoding (SPEC §8)."""
+    """`dflashtrain-eval`: τ, acceptance and speedup of a drafter by speculative decoding (docs/decoding.md)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)  # target.path ??? = the checkpoint's recorded target
-    data: DataConfig = field(default_factory=DataConfig)  # prompts: data.eval_path (a chat JSONL)
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
     ckpt_path: str = "latest"  # a training .ckpt; latest = newest outputs/train/*/checkpoints/last.ckpt
-    drafter_dir: Optional[str] = None  # an exported DFlash directory, used instead of ckpt_path when set
+    drafter_dir: Optional[str] = None  # an exported drafter directory, used instead of ckpt_path when set
     vp_drafter: Optional[str] = None  # a vp_drafter .ckpt or exported dir: D²SD decoding (greedy) with this second drafter
     d2sd_branches: int = 3  # D²SD: re-drafted candidate rows verified beside the main draft
     num_prompts: Optional[int] = 100  # null: every row of data.eval_path
@@ -277,25 +330,17 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    """`dflashtrain-export`: a training checkpoint -> the DFlash HF directory (SPEC §1.1), verified by load-back."""
+    """`dflashtrain-export`: a training checkpoint -> the HF drafter directory (docs/export.md), verified by load-back."""
 
     ckpt_path: str = "latest"
     output_dir: str = "${hydra:runtime.output_dir}/drafter"
     target_path: Optional[str] = None  # the target's HF directory (vocab_size); null: the checkpoint's recorded one
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (bfloat16 for serving large drafters)
+    dtype: DType = DType.float32  # bfloat16 for serving large drafters
     overwrite: bool = False
 
 
-LOSS_SCHEMAS = {
-    "decay": DecayLossConfig,
-    "dpace": DPaceLossConfig,
-    "vp_drafter": VPDrafterLossConfig,
-    "dspark": DSparkLossConfig,
-}
-
-
 def register_configs() -> None:
-    """Register schemas and the `asset` resolver. Idempotent."""
+    """Register schemas and the `asset` and `default_gamma` resolvers. Idempotent."""
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="eval", node=EvalConfig)
@@ -308,7 +353,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("default_gamma", default_gamma)
 
 
-# Published decay γ per block size (SPEC §3); other sizes scale B = 16's γ linearly.
+# Published decay γ per block size (docs/objectives.md, decay); other sizes scale B = 16's γ linearly.
 PUBLISHED_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
 
 

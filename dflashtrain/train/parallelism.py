@@ -1,4 +1,4 @@
-"""Lightning strategies for the `parallelism` group, shaped by the measured facts in FSDP_FACTS.md.
+"""Lightning strategies for the `parallelism` group, shaped by the measured facts in docs/fsdp.md.
 
 The frozen target is never registered in the LightningModule, so it is outside every FSDP unit, every
 state dict and every checkpoint; each rank holds its own replicated copy. FSDP wraps each drafter layer (a
@@ -11,19 +11,20 @@ from __future__ import annotations
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import DictConfig
 
+from dflashtrain.config.schema import Strategy
 from dflashtrain.models.dflash import DFlashDecoderLayer
 
 
-def build_strategy(cfg: DictConfig):
-    strategy = cfg.parallelism.strategy
-    if strategy == "fsdp":
+def build_strategy(parallelism: DictConfig):
+    strategy = Strategy(parallelism.strategy)
+    if strategy == Strategy.fsdp:
         return FSDPStrategy(
             auto_wrap_policy={DFlashDecoderLayer},
-            sharding_strategy=cfg.parallelism.sharding_strategy,
+            sharding_strategy=parallelism.sharding_strategy,
             state_dict_type="full",
             use_orig_params=True,
         )
-    if strategy == "ddp":
+    if strategy == Strategy.ddp:
         # The target is not a registered parameter, so no parameter goes unused; skip the costly search.
         return DDPStrategy(find_unused_parameters=False)
-    return strategy
+    return "auto"

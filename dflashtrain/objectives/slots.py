@@ -1,43 +1,18 @@
-"""Pieces every objective shares: per-slot losses, validity modes, and the chunk contract.
+"""Per-slot pieces every objective shares: slot losses, validity modes, and weighted sums of a chunk.
 
-An objective sees one chunk of blocks at a time (:class:`SlotChunk`, all tensors ``[b, c, B, ...]``) and returns
-additive sums (:class:`ChunkLoss`); the module adds the chunks up and applies the global reduction of SPEC §2.4:
-
-    loss = W · Σ_terms α_t · num_t  /  (all_reduce(den) + ε)
-
-where ``den`` is Σ w·m (``weighted_mean``), Σ m (``per_token``) or the number of sequences (``per_sequence``).
+Notation (docs/conventions.md): w = slot weights, m = supervision mask, ℓ = per-slot loss.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dflashtrain.config import MaskMode, TargetKind
-
-NORMALIZERS = ("weight", "tokens", "sequences")
-
-
-@dataclass
-class SlotChunk:
-    logits: Tensor  # [b, c, B, V] fp32 drafter logits
-    labels: Tensor  # [b, c, B] long
-    valid: Tensor  # [b, c, B] bool: drafted and supervised
-    drafted: Tensor  # [b, c, B] bool: slots the drafter predicts (suffix after the visible prefix)
-    teacher_logits: Optional[Tensor] = None  # [b, c, B, V] fp32 target logits at label_pos - 1
-    extras: Dict[str, Tensor] = field(default_factory=dict)  # objective-specific tensors (e.g. prefix lengths)
-
-
-@dataclass
-class ChunkLoss:
-    terms: Dict[str, Tensor]  # name -> Σ w·m·ℓ over the chunk (scalar)
-    weight_sum: Tensor  # Σ w·m
-    token_sum: Tensor  # Σ m
-    slot_weight_sum: Tensor  # [B] Σ over blocks of w·m per slot (for logging mean weights)
+from dflashtrain.config.schema import MaskMode, TargetKind
+from dflashtrain.objectives.protocol import ChunkLoss, SlotChunk
 
 
 def slot_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -47,7 +22,7 @@ def slot_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def soft_cross_entropy(logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """KD (SPEC §2.3): −Σ_v softmax(z_T)_v · log_softmax(z_D)_v, no temperature. -> [...] fp32."""
+    """KD (docs/conventions.md, targets): −Σ_v softmax(z_T)_v · log_softmax(z_D)_v, no temperature. -> [...] fp32."""
     teacher = torch.softmax(teacher_logits.float(), dim=-1)
     return -(teacher * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
 
@@ -81,7 +56,10 @@ def supervision_mask(valid: Tensor, drafted: Tensor, mode: MaskMode) -> Tensor:
 
 
 def weighted_sums(per_slot: Dict[str, Tensor], weights: Tensor, mask: Tensor) -> ChunkLoss:
-    """Additive sums of a chunk. per_slot: name -> [b, c, B]; weights [b, c, B] or [B]; mask [b, c, B] bool."""
+    """Additive sums of a chunk: terms Σ w·m·ℓ per name, Σ w·m, Σ m and Σ w·m per slot (no statistics).
+
+    per_slot: name -> [b, c, B]; weights [b, c, B] or [B]; mask [b, c, B] bool.
+    """
     wm = (weights * mask).float().expand(mask.shape)  # [b, c, B]
     return ChunkLoss(
         terms={name: (wm * values.masked_fill(~mask, 0.0)).sum() for name, values in per_slot.items()},
