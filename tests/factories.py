@@ -25,7 +25,7 @@ def make_objective(name: str, **fields):
 
 
 def make_module(drafter, target, objective, heads=None, num_anchors=3, chunk_blocks=2, optimizer=None,
-                lr_factor=None, attention="auto", seed=0, max_length=128):
+                lr_factor=None, attention="auto", seed=0, max_length=128, shard=None):
     """A DraftModule wired as the training recipe wires it (the objective's family, explicit arguments)."""
     import torch
 
@@ -35,4 +35,5 @@ def make_module(drafter, target, objective, heads=None, num_anchors=3, chunk_blo
     return DraftModule(drafter=drafter, heads=heads, target=target, objective=objective,
                        family=get_family(objective.family), optimizer=optimizer or torch.optim.AdamW,
                        lr_factor=lr_factor or (lambda step: 1.0), num_anchors=num_anchors, chunk_blocks=chunk_blocks,
-                       attention=attention, seed=seed, max_length=max_length, checkpoint_metadata={})
+                       attention=attention, seed=seed, max_length=max_length, checkpoint_metadata={},
+                       shard=shard)

@@ -22,6 +22,7 @@ from dflashtrain.objectives.chunked import chunked_objective, teacher_logits
 from dflashtrain.objectives.metrics import TAU_PROB_SUM
 from dflashtrain.objectives.protocol import SlotChunk
 from dflashtrain.objectives.weights import decay_weights, first_drafted_offsets
+from dflashtrain.train.reduction import local_sums, pack
 from reference import ref_ce, ref_softmax, ref_supervision
 
 VOCAB, HIDDEN, RANK, BLOCK, MASK = 11, 8, 4, 4, 10
@@ -212,7 +213,8 @@ def test_pooled_reduction_equals_the_global_weighted_mean_across_two_ranks():
     totals = [rank_total(r, module) for r in range(2)]
     assert totals[0].token_sum.item() != totals[1].token_sum.item()
     global_den = sum(t.weight_sum.detach() for t in totals)
-    module.trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=lambda x, reduce_op: global_den))
+    summed_sums = sum(pack(local_sums(t, None, module.objective.normalizer, 1)) for t in totals)  # the all-reduce
+    module.trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=lambda x, reduce_op: summed_sums))
     summed, value = [torch.zeros_like(p) for p in params], 0.0
     for r in range(2):
         loss = module.reduce(rank_total(r, module), num_sequences=1)

@@ -36,6 +36,7 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+FSDP2_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP")  # train/parallelism.py: FSDP2_RESHARD_AFTER_FORWARD
 
 
 def loss_name(cfg: DictConfig) -> str:
@@ -112,11 +113,17 @@ def _validate_run(cfg: DictConfig) -> None:
     _at_least("checkpoint.every_n_train_steps", cfg.checkpoint.every_n_train_steps, 1)
     _at_least("checkpoint.save_top_k", cfg.checkpoint.save_top_k, -1)
     _at_least("parallelism.num_nodes", cfg.parallelism.num_nodes, 1)
-    _one_of("parallelism.sharding_strategy", cfg.parallelism.sharding_strategy, SHARDING_STRATEGIES)
+    parallelism = cfg.parallelism
+    sharding = FSDP2_SHARDING if parallelism.strategy == Strategy.fsdp2 else SHARDING_STRATEGIES
+    _one_of("parallelism.sharding_strategy", parallelism.sharding_strategy, sharding)
     devices = cfg.parallelism.devices
     if not (devices == "auto" or devices == -1 or (isinstance(devices, int) and devices >= 1)
             or (OmegaConf.is_list(devices) and len(devices) > 0 and all(isinstance(d, int) for d in devices))):
         raise ConfigError("parallelism.devices", f"must be auto, -1, a count >= 1 or a list of ids; got {devices!r}")
+    one_device = devices == 1 or (OmegaConf.is_list(devices) and len(devices) == 1)
+    if parallelism.strategy == Strategy.auto and not (one_device and parallelism.num_nodes == 1):
+        raise ConfigError("parallelism.devices", f"parallelism={parallelism.name} runs one process on one device; "
+                                                 "use parallelism=ddp (or fsdp2, fsdp) for more")
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError("optim.betas", f"must be two values in [0, 1), got {betas}")
@@ -184,7 +191,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("data.eval_path", f"file not found: {cfg.data.eval_path} (eval.every_n_steps=0: no val/tau)")
 
     if cfg.parallelism.strategy == Strategy.fsdp and not _cuda_requested(cfg.trainer.accelerator):
-        raise ConfigError("parallelism.strategy", "fsdp needs GPUs (trainer.accelerator=gpu); use single or ddp on CPU")
+        raise ConfigError("parallelism.strategy", "fsdp needs GPUs (trainer.accelerator=gpu); on CPU use "
+                                                  "parallelism=fsdp2 (sharded) or parallelism=ddp")
     _validate_run(cfg)
     OmegaConf.to_object(cfg.loss).validate()
     name = loss_name(cfg)

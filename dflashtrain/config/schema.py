@@ -72,7 +72,8 @@ class LoggerName(str, Enum):
 class Strategy(str, Enum):
     auto = "auto"
     ddp = "ddp"
-    fsdp = "fsdp"
+    fsdp = "fsdp"  # Lightning FSDPStrategy (FSDP1), GPU only
+    fsdp2 = "fsdp2"  # Lightning ModelParallelStrategy with fully_shard per drafter layer
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -223,7 +224,8 @@ class ParallelismConfig:
     strategy: Strategy = Strategy.auto
     devices: Any = 1  # a count, -1 / auto (all), or a list of device ids
     num_nodes: int = 1
-    sharding_strategy: str = "FULL_SHARD"  # fsdp only: FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
+    # fsdp: FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD; fsdp2: FULL_SHARD | SHARD_GRAD_OP
+    sharding_strategy: str = "FULL_SHARD"
 
 
 @dataclass

@@ -7,7 +7,7 @@ import time
 from typing import List, Sequence
 
 import lightning as L
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from dflashtrain.inference.decode import Sampler, acceptance_stats, generate, single_thread_on_cpu
 
@@ -35,7 +35,7 @@ class TauEvalCallback(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reason = None
-        if isinstance(trainer.strategy, FSDPStrategy):
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
             reason = "the drafter is sharded (FSDP)"
         if reason:
             self.enabled = False

@@ -24,10 +24,19 @@ from dflashtrain.models.masks import AnchorAttentionMask
 from dflashtrain.models.target import FrozenTarget, TargetStates
 from dflashtrain.objectives.chunked import chunked_objective, teacher_logits
 from dflashtrain.objectives.metrics import SlotCounts, summarize
-from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, Objective, check_objective
+from dflashtrain.objectives.protocol import ChunkLoss, Objective, check_objective
+from dflashtrain.train.reduction import (
+    EPS,
+    AccumulationWindow,
+    loss_numerator,
+    local_sums,
+    pack,
+    scale_gradients,
+    unpack,
+)
 
 log = logging.getLogger(__name__)
-EPS = 1e-8
+__all__ = ["DraftModule", "loss_numerator", "warmup_cosine"]
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
@@ -41,25 +50,6 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float) ->
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-def loss_numerator(total: ChunkLoss, coefficients: Dict[str, float]) -> Tensor:
-    """Σ_t α_t · num_t. The objective's coefficients must name exactly its loss terms."""
-    if set(coefficients) != set(total.terms):
-        raise ValueError(f"the objective's coefficients {sorted(coefficients)} do not name its loss terms "
-                         f"{sorted(total.terms)}")
-    return sum(alpha * total.terms[name] for name, alpha in coefficients.items())
-
-
-def local_denominator(total: ChunkLoss, normalizer: Normalizer, num_sequences: int) -> Tensor:
-    """This rank's share of the loss's denominator (docs/conventions.md, reduction), a new fp32 tensor."""
-    if normalizer == Normalizer.weight:
-        return total.weight_sum.detach().float().clone()
-    if normalizer == Normalizer.tokens:
-        return total.token_sum.detach().float().clone()
-    if normalizer == Normalizer.sequences:
-        return torch.tensor(float(num_sequences), device=total.weight_sum.device)
-    raise ValueError(f"unknown normalizer {normalizer!r}; valid: {[n.value for n in Normalizer]}")
 
 
 class DraftModule(L.LightningModule):
@@ -78,6 +68,7 @@ class DraftModule(L.LightningModule):
         seed: int,
         max_length: int,
         checkpoint_metadata: Dict[str, Any],
+        shard: Optional[Callable[..., None]],
     ):
         super().__init__()
         self.objective = check_objective(objective)
@@ -97,7 +88,9 @@ class DraftModule(L.LightningModule):
         self.seed = seed  # with the epoch and each row's dataset index, it seeds the row's anchors (and prefixes)
         self.max_length = max_length  # anchor scores are drawn for max_length positions, whatever the padding
         self.checkpoint_metadata = checkpoint_metadata
+        self.shard = shard  # fsdp2: shards the drafter and heads in configure_model (train/parallelism.py)
         self.skipped_empty_steps = 0
+        self.window = AccumulationWindow()  # the micro-batches of the current optimizer step
         self._step_started = 0.0
 
     # ------------------------------------------------------------------------------------------ wiring
@@ -106,6 +99,10 @@ class DraftModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.target.to(self.device)  # the strategy has placed the module by now
+
+    def configure_model(self) -> None:
+        if self.shard is not None:
+            self.shard(self.drafter, self.heads, self.trainer.world_size, self.trainer.strategy.root_device)
 
     def use_flex(self) -> bool:
         return self.attention == AttentionBackend.flex or (
@@ -159,25 +156,38 @@ class DraftModule(L.LightningModule):
                                           teacher=teacher, use_checkpoint=use_checkpoint)
         return total, counts, blocks
 
-    def reduce(self, total: ChunkLoss, num_sequences: int) -> Optional[Tensor]:
-        """W · num_local / (den_global + ε), den all-reduced (on a copy) and detached; None if den_global = 0."""
+    def reduce(self, total: ChunkLoss, num_sequences: int, counts: Optional[SlotCounts] = None) -> Tensor:
+        """W · Σ α·num_local / (P + ε) (train/reduction.py): the micro-batch's sums are all-reduced in one collective
+        on a packed detached copy and added to the step's window; P is the window's provisional denominator."""
         numerator = loss_numerator(total, self.objective.coefficients)
-        local_den = local_denominator(total, self.objective.normalizer, num_sequences)
-        global_den = self.trainer.strategy.reduce(local_den, reduce_op="sum")
-        if global_den <= 0:
-            return None
-        return self.trainer.world_size * numerator / (global_den + EPS)
+        local = local_sums(total, counts, self.objective.normalizer, num_sequences)
+        global_sums = unpack(self.trainer.strategy.reduce(pack(local), reduce_op="sum"), like=local)
+        provisional = self.window.add(global_sums, num_sequences)
+        return self.trainer.world_size * numerator / (provisional + EPS)
 
-    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
+    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         total, counts, blocks = self.forward_loss(batch, self.chunk_blocks)
-        loss = self.reduce(total, batch["input_ids"].shape[0])
-        if loss is None:
+        return self.reduce(total, batch["input_ids"].shape[0], counts)
+
+    def finish_step(self) -> None:
+        """Before the optimizer step: make the gradients those of the step's global mean (or drop them when the
+        step has no supervised slot anywhere), then log the step's global values."""
+        rows = self.window.rows * self.trainer.world_size
+        factor, sums = self.window.close(self.trainer.accumulate_grad_batches)
+        if factor is None:
+            for p in self.trainer_parameters():
+                p.grad = None  # the optimizer skips parameters without a gradient
             self.skipped_empty_steps += 1
             log.warning("step %d: no supervised slot in the global batch; skipped (%d so far)",
                         self.global_step, self.skipped_empty_steps)
-            return None
-        self.log_step(loss, total, counts, batch["input_ids"].shape[0])
-        return loss
+            return
+        scale_gradients(self.trainer_parameters(), factor)
+        loss = loss_numerator(sums.total, self.objective.coefficients) / (sums.den + EPS)
+        self.log_step(loss, sums.total, sums.counts, rows)
+
+    def trainer_parameters(self) -> List[torch.nn.Parameter]:
+        """The parameters the optimizer holds (under FSDP these are the sharded ones)."""
+        return [p for group in self.optimizers().param_groups for p in group["params"]]
 
     # ------------------------------------------------------------------------------------------ logging
     def log_step(self, loss: Tensor, total: ChunkLoss, counts: SlotCounts, size: int) -> None:
@@ -205,6 +215,7 @@ class DraftModule(L.LightningModule):
         self.log("train/tokens_per_s", batch["attention_mask"].sum().float() / elapsed, batch_size=size)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.finish_step()
         norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm())

@@ -33,7 +33,7 @@ from dflashtrain.models.target import (
 from dflashtrain.objectives import build_objective
 from dflashtrain.train.guards import NonFiniteGuard, check_checkpoint_dir, check_resume_matches
 from dflashtrain.train.module import DraftModule, warmup_cosine
-from dflashtrain.train.parallelism import build_strategy
+from dflashtrain.train.parallelism import build_strategy, model_sharding
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def fit(cfg: DictConfig) -> Dict[str, float]:
             "target_path": os.path.abspath(cfg.model.target.path),
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         },
+        shard=model_sharding(cfg.parallelism),
     )
     log.info("drafter: %.2fM trainable parameters, taps %s, mask token %d",
              sum(p.numel() for p in module.trainable_parameters()) / 1e6, geometry.target_layer_ids, mask_token_id)
