@@ -46,7 +46,8 @@ def train_steps(data: str, strategy: str, batch_size: int, accumulate: int, step
     module = make_module(drafter, target, objective, num_anchors=8, chunk_blocks=2, shard=model_sharding(parallelism))
     datamodule = ChatDataModule(tokenizer, data, 128, 2 * geometry.block_size, batch_size, num_workers=0, shuffle=True,
                                 on_bad_row="error", pad_to_multiple_of=16, seed=0)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=build_strategy(parallelism), max_steps=steps,
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=build_strategy(parallelism, "32-true"),
+                        max_steps=steps,
                         accumulate_grad_batches=accumulate, gradient_clip_val=None, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, num_sanity_val_steps=0, log_every_n_steps=1)

@@ -118,3 +118,33 @@ def test_fsdp_on_cpu_fails_in_one_line_naming_the_options_that_run_there(tmp_pat
     assert result.stderr.strip().splitlines() == [
         "dflashtrain: error: parallelism.strategy: fsdp needs GPUs (trainer.accelerator=gpu); on CPU use "
         "parallelism=fsdp2 (sharded) or parallelism=ddp"]
+
+
+def test_a_checkpoint_of_another_global_batch_size_continues_at_its_first_untrained_row(caplog):
+    from dflashtrain.data.datamodule import resumed_batches
+    from dflashtrain.data.sampling import GlobalBatchSampler
+
+    two_ranks_of_4 = {"epoch": 1, "batches_done": 5, "global_batch_size": 8}
+    assert resumed_batches(two_ranks_of_4, GlobalBatchSampler(100, 8, True, 0, 0, 1)) == 5  # 1 process × 8: exact
+    assert resumed_batches(two_ranks_of_4, GlobalBatchSampler(100, 4, True, 0, 1, 2)) == 5
+    assert not caplog.records
+    assert resumed_batches(two_ranks_of_4, GlobalBatchSampler(100, 4, True, 0, 0, 1)) == 10  # row 40 of 100
+    assert resumed_batches(two_ranks_of_4, GlobalBatchSampler(100, 6, True, 0, 0, 2)) == 3  # row 36: 40 // 12
+    assert "global batches of 8 rows, this run's have 12" in caplog.text
+
+
+def test_single_refuses_more_than_one_device_and_fsdp2_the_fsdp1_only_shardings(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from dflashtrain.config.checks import validate
+    from dflashtrain.config.schema import ConfigError, register_configs
+
+    register_configs()
+    cases = {("parallelism.devices=2",): "parallelism.devices",
+             ("parallelism=fsdp2", "parallelism.sharding_strategy=HYBRID_SHARD"): "parallelism.sharding_strategy"}
+    for overrides, key in cases.items():
+        with initialize_config_module(config_module="dflashtrain.conf", version_base=None):
+            cfg = compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"])
+        with pytest.raises(ConfigError) as error:
+            validate(cfg)
+        assert error.value.key == key, overrides

@@ -229,7 +229,7 @@ class ChatDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = GlobalBatchSampler(len(self.train_set), self.batch_size, self.shuffle, self.seed, rank, world)
         if self.resume_position is not None:
-            sampler.set_position(self.resume_position["epoch"], self.resume_position["batches_done"])
+            sampler.set_position(self.resume_position["epoch"], resumed_batches(self.resume_position, sampler))
             self.resume_position = None
         return DataLoader(
             self.train_set.with_format(columns=["input_ids", "loss_mask", "row", "index"]),
@@ -239,10 +239,27 @@ class ChatDataModule(L.LightningDataModule):
         )
 
     def state_dict(self) -> Dict[str, int]:
-        """The data position, saved in every checkpoint: the epoch and how many of its global batches were taken."""
+        """The data position, saved in every checkpoint: the epoch, how many of its global batches were taken, and
+        their size (ranks × batch size)."""
         trainer = self.trainer
         return {"epoch": trainer.current_epoch,
-                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.ready}
+                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+                "global_batch_size": trainer.world_size * self.batch_size}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.resume_position = {"epoch": int(state["epoch"]), "batches_done": int(state["batches_done"])}
+        self.resume_position = {key: int(value) for key, value in state.items()}
+
+
+def resumed_batches(position: Dict[str, int], sampler: GlobalBatchSampler) -> int:
+    """Global batches of ``sampler``'s size already trained on at ``position``. A checkpoint written with another
+    global batch size (ranks × data.batch_size) continues at the first row it had not trained on, rounded down to
+    a whole global batch, with a warning: the rows, anchors and steps repeat exactly only at the same size."""
+    done, size = position["batches_done"], position.get("global_batch_size", sampler.global_batch_size)
+    if size == sampler.global_batch_size:
+        return done
+    rows = done * size
+    log.warning("resume: the checkpoint trained on global batches of %d rows, this run's have %d (ranks × "
+                "data.batch_size); continuing epoch %d at row %d of %d, so the data does not repeat the "
+                "uninterrupted run's", size, sampler.global_batch_size, position["epoch"],
+                rows // sampler.global_batch_size * sampler.global_batch_size, sampler.num_rows)
+    return rows // sampler.global_batch_size

@@ -30,7 +30,21 @@ from dflashtrain.models.dflash import DFlashDecoderLayer
 FSDP2_RESHARD_AFTER_FORWARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
 
 
-def build_strategy(parallelism: DictConfig):
+# trainer.precision -> the dtype FSDP1 gathers parameters in. Gradients are reduced and buffers (RoPE's inv_freq)
+# kept in fp32 (Lightning's own FSDP precision would reduce in bf16 and cast the buffers: docs/fsdp.md, fact 7).
+FSDP_PARAM_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def fsdp_mixed_precision(precision: str):
+    from torch.distributed.fsdp import MixedPrecision
+
+    param_dtype = FSDP_PARAM_DTYPES.get(precision)
+    if param_dtype is None:
+        return None  # Lightning's default for the precision
+    return MixedPrecision(param_dtype=param_dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
+
+
+def build_strategy(parallelism: DictConfig, precision: str):
     strategy = Strategy(parallelism.strategy)
     if strategy == Strategy.fsdp:
         return FSDPStrategy(
@@ -38,13 +52,15 @@ def build_strategy(parallelism: DictConfig):
             sharding_strategy=parallelism.sharding_strategy,
             state_dict_type="full",
             use_orig_params=True,
+            mixed_precision=fsdp_mixed_precision(precision),
         )
     if strategy == Strategy.fsdp2:
         # Lightning's own mesh is (nodes, devices per node) for 2-D parallelism; shard_trainable builds a 1-D one.
         return ModelParallelStrategy(save_distributed_checkpoint=False)
     if strategy == Strategy.ddp:
-        # The target is not a registered parameter, so no parameter goes unused; skip the costly search.
-        return DDPStrategy(find_unused_parameters=False)
+        # The target is not a registered parameter, so no parameter goes unused; skip the costly search. Gradients
+        # live in DDP's all-reduce buckets instead of a second copy (one fp32 copy of the drafter saved per rank).
+        return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
     return "auto"
 
 
