@@ -5,7 +5,7 @@ the chat datamodule, trains ``steps`` optimizer steps and returns what the tests
 step (full tensors; gathered from the shards under fsdp2) and the logged ``train/*`` values. It runs in the test
 process for one process, and as a script under ``torch.distributed.run`` for several:
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/steps.py OUT.pt DATA.jsonl BATCH STRATEGY...
+    python -m torch.distributed.run --nproc-per-node 2 tests/steps.py OUT.pt DATA.jsonl BATCH LAYOUT...
 """
 
 from __future__ import annotations
@@ -62,15 +62,19 @@ def train_steps(data: str, strategy: str, batch_size: int, accumulate: int, step
 
 
 def main(out: str, data: str, batch_size: str, *strategies: str) -> None:
-    """Each strategy in turn (in the same processes); rank 0 saves {strategy: {"grads", "metrics"}} to ``out``."""
+    """Each strategy in turn (in the same processes); rank 0 saves {name: {"grads", "metrics"}} to ``out``."""
     import os
 
     import torch.distributed as dist
 
     results = {}
-    for strategy in strategies:
-        grads, metrics = train_steps(data, strategy, int(batch_size), 1, devices=int(os.environ["WORLD_SIZE"]))
-        results[strategy] = {"grads": grads, "metrics": metrics}
+    for name in strategies:  # STRATEGY[:SHARDING][/K]: K accumulated micro-batches of BATCH / K rows
+        layout, _, accumulate = name.partition("/")
+        strategy, _, sharding = layout.partition(":")
+        k = int(accumulate or 1)
+        grads, metrics = train_steps(data, strategy, int(batch_size) // k, k, sharding=sharding or "FULL_SHARD",
+                                     devices=int(os.environ["WORLD_SIZE"]))
+        results[name] = {"grads": grads, "metrics": metrics}
     if dist.get_rank() == 0:
         torch.save(results, out)
 

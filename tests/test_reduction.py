@@ -63,17 +63,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# parallelism=…[:parallelism.sharding_strategy][/trainer.accumulate_grad_batches, with batch 4 / k]
+LAYOUTS = ("ddp", "fsdp2", "ddp/2", "fsdp2:SHARD_GRAD_OP/2")
+
+
 def test_two_processes_equal_one_process_under_ddp_and_fsdp2(data, one_process, tmp_path):
-    """2 gloo processes with batch 4 each vs 1 process with batch 8: loss, every logged term and metric, gradients."""
+    """2 gloo processes with batch 4 each (or 2 micro-batches of 2) vs 1 process with batch 8: loss, every logged
+    term and metric, gradients."""
     out = tmp_path / "two.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), str(HERE / "steps.py"), str(out), data, "4", "ddp", "fsdp2"]
+               str(free_port()), str(HERE / "steps.py"), str(out), data, "4", *LAYOUTS]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     results = torch.load(out, weights_only=True)
-    for strategy in ("ddp", "fsdp2"):
-        assert_same_step((results[strategy]["grads"], results[strategy]["metrics"]), one_process)
+    for layout in LAYOUTS:
+        assert_same_step((results[layout]["grads"], results[layout]["metrics"]), one_process)
 
 
 def test_an_empty_step_is_skipped_and_the_factor_is_one_without_accumulation():
@@ -95,3 +100,19 @@ def test_an_empty_step_is_skipped_and_the_factor_is_one_without_accumulation():
     assert factor == pytest.approx(2 * 1.0 / 3.0) and step.total.terms["ce"].item() == 6.0
     window.add(sums(0.0), rows=1)
     assert window.close(accumulate_grad_batches=1)[0] is None  # D = 0: the step is skipped
+
+
+def test_fsdp_gathers_bf16_but_reduces_gradients_and_keeps_buffers_in_fp32():
+    """FSDP1 (GPU only, so not run here): Lightning's bf16-mixed would reduce in bf16 and cast RoPE's inv_freq."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from omegaconf import OmegaConf
+
+    from dflashtrain.train.parallelism import build_strategy
+
+    parallelism = OmegaConf.create({"strategy": "fsdp", "sharding_strategy": "FULL_SHARD"})
+    strategy = build_strategy(parallelism, "bf16-mixed")
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.mixed_precision_config
+    assert (policy.param_dtype, policy.reduce_dtype, policy.buffer_dtype) == (torch.bfloat16, torch.float32,
+                                                                              torch.float32)
+    assert build_strategy(parallelism, "32-true").mixed_precision is None

@@ -166,7 +166,7 @@ class DraftModule(L.LightningModule):
         return self.trainer.world_size * numerator / (provisional + EPS)
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
-        total, counts, blocks = self.forward_loss(batch, self.chunk_blocks)
+        total, counts, _ = self.forward_loss(batch, self.chunk_blocks)
         return self.reduce(total, batch["input_ids"].shape[0], counts)
 
     def finish_step(self) -> None:
@@ -175,19 +175,15 @@ class DraftModule(L.LightningModule):
         rows = self.window.rows * self.trainer.world_size
         factor, sums = self.window.close(self.trainer.accumulate_grad_batches)
         if factor is None:
-            for p in self.trainer_parameters():
+            for p in self.trainable_parameters():
                 p.grad = None  # the optimizer skips parameters without a gradient
             self.skipped_empty_steps += 1
             log.warning("step %d: no supervised slot in the global batch; skipped (%d so far)",
                         self.global_step, self.skipped_empty_steps)
             return
-        scale_gradients(self.trainer_parameters(), factor)
+        scale_gradients(self.trainable_parameters(), factor)
         loss = loss_numerator(sums.total, self.objective.coefficients) / (sums.den + EPS)
         self.log_step(loss, sums.total, sums.counts, rows)
-
-    def trainer_parameters(self) -> List[torch.nn.Parameter]:
-        """The parameters the optimizer holds (under FSDP these are the sharded ones)."""
-        return [p for group in self.optimizers().param_groups for p in group["params"]]
 
     # ------------------------------------------------------------------------------------------ logging
     def log_step(self, loss: Tensor, total: ChunkLoss, counts: SlotCounts, size: int) -> None:
