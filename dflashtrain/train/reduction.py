@@ -11,7 +11,7 @@ with den chosen by the objective's normalizer. D is a constant for autograd (the
 1. every micro-batch's additive sums (den, the loss terms, the metric counts) are summed over ranks in one
    collective on a packed, detached copy;
 2. the micro-batch's loss is ``W · Σ_t α_t · num_t / (P + ε)``, where P, the *provisional* denominator, is the
-   global den of the step's first micro-batch (1 if that is 0, so that an empty first micro-batch divides by no ε);
+   global den of the step's first micro-batch (1 if that is 0, so that no later micro-batch is divided by ε alone);
    Lightning divides it by k and DDP / FSDP average the gradients over the W ranks;
 3. before the optimizer step (and before clipping) the gradients are multiplied by ``k · (P + ε) / (D + ε)``.
 
