@@ -325,6 +325,6 @@ def test_cli_loss_dspark_trains_logs_every_term_decodes_and_checkpoints_the_head
     heads = load_checkpoint(out / "checkpoints" / "last.ckpt").heads
     assert heads.markov_rank == 32 and heads.confidence is not None
     exported = export_tensors(heads)
-    assert set(exported) == {"markov_head.embed.weight", "markov_head.proj.weight", "confidence_head.weight",
-                             "confidence_head.bias"}
-    assert torch.equal(exported["markov_head.proj.weight"], state["heads.markov.proj.weight"])
+    assert set(exported) == {"markov_head.markov_w1.weight", "markov_head.markov_w2.weight",
+                             "confidence_head.proj.weight", "confidence_head.proj.bias"}  # the engines' names
+    assert torch.equal(exported["markov_head.markov_w2.weight"], state["heads.markov.proj.weight"])

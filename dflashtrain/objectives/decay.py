@@ -8,7 +8,9 @@ token or, with ``target: kd``, soft CE against the target's distribution. γ = 0
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
+
+from torch import Tensor
 
 from dflashtrain.config.schema import MaskMode, TargetKind
 from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, SlotChunk, no_metrics, unchanged_blocks
@@ -32,6 +34,10 @@ class DecayObjective:
         self.needs_teacher = self.target == TargetKind.kd
 
     def __call__(self, chunk: SlotChunk) -> ChunkLoss:
+        return weighted_sums(*self.slot_terms(chunk))
+
+    def slot_terms(self, chunk: SlotChunk) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
+        """(per-slot losses {"ce": ℓ}, weights w, mask m), each [b, c, B]: what the chunk's sums are made of."""
         weights = decay_weights(first_drafted_offsets(chunk.drafted), self.gamma)  # [b, c, B]
         mask = supervision_mask(chunk.valid, chunk.drafted, self.mask_mode)
-        return weighted_sums({"ce": slot_loss(chunk, self.target)}, weights, mask)
+        return {"ce": slot_loss(chunk, self.target)}, weights, mask

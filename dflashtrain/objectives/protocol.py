@@ -7,7 +7,8 @@ reduction):
     loss = W · Σ_t α_t · num_t / (all_reduce(den) + ε)
 
 ``num_t`` are the loss terms (``ChunkLoss.terms``), ``α_t`` the objective's :attr:`Objective.coefficients` (the
-two must name the same terms), ``den`` is chosen by :attr:`Objective.normalizer`. Statistics that are not loss
+two must name the same terms; an objective may schedule them over the steps, :func:`step_coefficients`), ``den``
+is chosen by :attr:`Objective.normalizer`. Statistics that are not loss
 terms travel separately in ``ChunkLoss.stats`` and only ever reach :meth:`Objective.metrics`.
 
 :func:`check_objective` is applied to every objective the trainer builds: a missing member or a value of the wrong
@@ -111,9 +112,18 @@ def check_objective(objective: object) -> Objective:
         problems.append(f"coefficients {coefficients!r} is not a non-empty mapping of term name -> float")
     if not all(callable(getattr(objective, name)) for name in ("prepare_blocks", "__call__", "metrics")):
         problems.append("prepare_blocks, __call__ and metrics must be callable")
+    if hasattr(objective, "coefficients_at") and not callable(objective.coefficients_at):
+        problems.append("coefficients_at, when declared, must be callable")
     if problems:
         raise TypeError(f"objective {where}: " + "; ".join(problems))
     return objective  # type: ignore[return-value]
+
+
+def step_coefficients(objective: Objective, step: int, total_steps: int) -> Mapping[str, float]:
+    """The coefficients at an optimizer step: :attr:`Objective.coefficients`, unless the objective schedules them
+    by declaring ``coefficients_at(step, total_steps)`` (same names; DFlash2 ramps its selector weight)."""
+    schedule = getattr(objective, "coefficients_at", None)
+    return objective.coefficients if schedule is None else schedule(step, total_steps)
 
 
 def unchanged_blocks(blocks: "DraftBlocks", input_ids: Tensor, rng: "RowGenerators") -> "DraftBlocks":

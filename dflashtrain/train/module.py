@@ -24,7 +24,7 @@ from dflashtrain.models.masks import AnchorAttentionMask
 from dflashtrain.models.target import FrozenTarget, TargetStates
 from dflashtrain.objectives.chunked import chunked_objective, teacher_logits
 from dflashtrain.objectives.metrics import SlotCounts, summarize
-from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, Objective, check_objective
+from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, Objective, check_objective, step_coefficients
 
 log = logging.getLogger(__name__)
 EPS = 1e-8
@@ -137,7 +137,8 @@ class DraftModule(L.LightningModule):
         with torch.no_grad():
             block_embeds = self.target.embed_tokens(blocks.input_ids.view(batch, -1))  # [b, N·B, d]
         mask = AnchorAttentionMask.build(
-            blocks.anchor_positions, blocks.block_keep, states.tapped.shape[1], block_size, self.use_flex()
+            blocks.anchor_positions, blocks.block_keep, states.tapped.shape[1], block_size, self.use_flex(),
+            sliding_window=self.drafter.geometry.sliding_window,
         )
         hidden = self.drafter(block_embeds, states.tapped, blocks.position_ids.view(batch, -1), mask)
         return hidden.view(batch, num_blocks, block_size, -1)
@@ -161,12 +162,18 @@ class DraftModule(L.LightningModule):
 
     def reduce(self, total: ChunkLoss, num_sequences: int) -> Optional[Tensor]:
         """W · num_local / (den_global + ε), den all-reduced (on a copy) and detached; None if den_global = 0."""
-        numerator = loss_numerator(total, self.objective.coefficients)
+        numerator = loss_numerator(total, self.coefficients())
         local_den = local_denominator(total, self.objective.normalizer, num_sequences)
         global_den = self.trainer.strategy.reduce(local_den, reduce_op="sum")
         if global_den <= 0:
             return None
         return self.trainer.world_size * numerator / (global_den + EPS)
+
+    def coefficients(self) -> Dict[str, float]:
+        """The objective's loss coefficients at this step (constant unless the objective schedules them)."""
+        if not hasattr(self.objective, "coefficients_at"):
+            return dict(self.objective.coefficients)
+        return dict(step_coefficients(self.objective, self.global_step, self.trainer.max_steps))
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
         total, counts, blocks = self.forward_loss(batch, self.chunk_blocks)
@@ -193,6 +200,9 @@ class DraftModule(L.LightningModule):
         for k in torch.nonzero(counts.valid).flatten().tolist():
             self.log(f"train/weight_k/{k}", mean_weight[k], batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        if hasattr(self.objective, "coefficients_at"):  # a schedule: log where it stands
+            for name, alpha in self.coefficients().items():
+                self.log(f"train/coefficient/{name}", alpha, batch_size=size)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

@@ -8,18 +8,21 @@ drafter-only checkpoint can resume from.
 
 from __future__ import annotations
 
+from typing import Set, Type
+
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import DictConfig
+from torch import nn
 
 from dflashtrain.config.schema import Strategy
-from dflashtrain.models.dflash import DFlashDecoderLayer
 
 
-def build_strategy(parallelism: DictConfig):
+def build_strategy(parallelism: DictConfig, layer_classes: Set[Type[nn.Module]]):
+    """``layer_classes``: the drafter's decoder-layer classes (the family's), each one an FSDP unit."""
     strategy = Strategy(parallelism.strategy)
     if strategy == Strategy.fsdp:
         return FSDPStrategy(
-            auto_wrap_policy={DFlashDecoderLayer},
+            auto_wrap_policy=set(layer_classes),
             sharding_strategy=parallelism.sharding_strategy,
             state_dict_type="full",
             use_orig_params=True,

@@ -151,7 +151,7 @@ def fit(cfg: DictConfig) -> Dict[str, float]:
         max_steps=cfg.trainer.max_steps,
         max_epochs=cfg.trainer.max_epochs,
         accelerator=cfg.trainer.accelerator,
-        strategy=build_strategy(cfg.parallelism),
+        strategy=build_strategy(cfg.parallelism, {type(layer) for layer in module.drafter.layers}),
         devices=cfg.parallelism.devices,
         num_nodes=cfg.parallelism.num_nodes,
         precision=cfg.trainer.precision,
