@@ -114,8 +114,11 @@ def run(python: str, *args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([python, __file__, *args], env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        raise RuntimeError(f"{Path(python).parent.parent.name} side failed: " + " | ".join(lines[-3:]))
+        lines = [line.replace("[rank0]:", "").strip() for line in result.stderr.splitlines()]
+        frames = [line for line in lines if line.startswith("File ")]
+        errors = [line for line in lines if "Error" in line.split(":")[0]]
+        where = f" (at {frames[-1]})" if frames else ""
+        raise RuntimeError(f"{Path(python).parent.parent.name} side failed: {(errors or lines or ['?'])[-1]}{where}")
 
 
 def compare(family: str, drafter_dir: str, args: argparse.Namespace, workdir: Path) -> dict:

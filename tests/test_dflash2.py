@@ -354,3 +354,29 @@ def test_stop_gradient_keeps_the_selector_term_off_the_unary_logits_and_hidden(s
     reaches = [t.grad is not None and t.grad.abs().sum() > 0 for t in (hidden, unary)]
     assert reaches == [not stop_gradient] * 2
     assert selector.successor_codebook.grad.abs().sum() > 0  # the selector itself always learns
+
+
+# ---------------------------------------------------------------------------------------------- config rules
+@pytest.mark.parametrize("overrides,message", [
+    (["loss=decay", "model.drafter.selector_rank=64"], r"^model.drafter.selector_rank: is a DFlash2 option"),
+    (["loss=dflash2", "model.drafter.conv_group_size=48"], r"^model.drafter.conv_group_size: 48 does not divide"),
+    (["loss=dflash2", "model.drafter.conv_kernel_size=9"], r"^model.drafter.conv_kernel_size: must be in \[1, "),
+    (["loss=dflash2", "model.drafter.selector_top_k=1000"], r"^model.drafter.selector_top_k: 1000 exceeds"),
+    (["loss=dflash2", "model.drafter.markov_rank=8"], r"^model.drafter.markov_rank: is 8, but the Markov head"),
+    (["loss=dflash2", "loss.selector_alpha=0"], r"^loss.selector_alpha: must be a finite number > 0"),
+    (["loss=dflash2", "loss.selector_warmup_ratio=0.6", "loss.selector_ramp_ratio=0.5"],
+     r"^loss.selector_ramp_ratio: selector_warmup_ratio \+ selector_ramp_ratio must be < 1"),
+])
+def test_bad_dflash2_settings_are_refused_naming_the_key(overrides, message, tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from dflashtrain.config.checks import validate, validate_against_target
+    from dflashtrain.config.schema import ConfigError, register_configs
+    from dflashtrain.models.target import load_target_config
+
+    register_configs()
+    with initialize_config_module(config_module="dflashtrain.conf", version_base=None):
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+        validate_against_target(cfg, load_target_config(cfg.model.target.path))
