@@ -27,16 +27,16 @@ def train_steps(data: str, strategy: str, batch_size: int, accumulate: int, step
     from omegaconf import OmegaConf
 
     from dflashtrain.assets import TINY_TARGET_DIR
+    from dflashtrain.config.schema import DrafterConfig
     from dflashtrain.data.datamodule import ChatDataModule
-    from dflashtrain.models.dflash import DFlashDrafter
+    from dflashtrain.models.dflash import DFlashDecoderLayer, DFlashDrafter
     from dflashtrain.models.target import FrozenTarget, drafter_geometry, load_target_config, load_tokenizer
     from dflashtrain.train.parallelism import build_strategy, model_sharding
     from factories import make_module, make_objective
 
     path = str(TINY_TARGET_DIR)
     tokenizer = load_tokenizer(path)
-    drafter_cfg = OmegaConf.create({"num_layers": 2, "block_size": 8, "target_layer_ids": [1, 3, 5], "num_taps": 3,
-                                    "intermediate_size": None})
+    drafter_cfg = OmegaConf.structured(DrafterConfig(num_layers=2, block_size=8, target_layer_ids=[1, 3, 5], num_taps=3))
     geometry = drafter_geometry(load_target_config(path), drafter_cfg, tokenizer.mask_token_id)
     torch.manual_seed(0)  # the same drafter on every rank and in every run
     drafter = DFlashDrafter(geometry)
@@ -46,8 +46,8 @@ def train_steps(data: str, strategy: str, batch_size: int, accumulate: int, step
     module = make_module(drafter, target, objective, num_anchors=8, chunk_blocks=2, shard=model_sharding(parallelism))
     datamodule = ChatDataModule(tokenizer, data, 128, 2 * geometry.block_size, batch_size, num_workers=0, shuffle=True,
                                 on_bad_row="error", pad_to_multiple_of=16, seed=0)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=build_strategy(parallelism, "32-true"),
-                        max_steps=steps,
+    strategy = build_strategy(parallelism, "32-true", {DFlashDecoderLayer})
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
                         accumulate_grad_batches=accumulate, gradient_clip_val=None, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, num_sanity_val_steps=0, log_every_n_steps=1)

@@ -13,7 +13,6 @@ from dflashtrain.models.dflash import DFlashDrafter, DrafterGeometry
 from dflashtrain.models.masks import AnchorAttentionMask
 from dflashtrain.objectives.chunked import chunked_objective, teacher_logits
 from dflashtrain.objectives.protocol import SlotChunk
-from dflashtrain.objectives.decay import DecayObjective
 from reference import ref_tau_block
 
 VOCAB, HIDDEN, BLOCK, SEQ_LEN, NUM_ANCHORS = 40, 32, 4, 18, 5

@@ -11,7 +11,6 @@ from factories import make_objective
 from dflashtrain.config.schema import MaskMode, TargetKind
 from dflashtrain.objectives.protocol import SlotChunk
 from dflashtrain.objectives.slots import cumulative_mask, supervision_mask
-from dflashtrain.objectives.decay import DecayObjective
 from dflashtrain.objectives.weights import decay_weights, first_drafted_offsets
 from reference import ref_ce, ref_decay_weight, ref_soft_ce, ref_softmax, ref_supervision
 

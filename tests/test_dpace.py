@@ -20,7 +20,6 @@ from dflashtrain.config.schema import ConfigError, DPaceLossConfig, DPaceMode, M
 from dflashtrain.data.blocks import make_blocks, sample_anchors
 from dflashtrain.objectives.chunked import chunked_objective
 from dflashtrain.objectives.protocol import SlotChunk
-from dflashtrain.objectives.dpace import DPaceObjective
 from dflashtrain.objectives.weights import dpace_raw_weights, dpace_weights
 from reference import ref_ce, ref_soft_ce, ref_softmax, ref_supervision
 

@@ -214,7 +214,7 @@ def test_pooled_reduction_equals_the_global_weighted_mean_across_two_ranks():
     assert totals[0].token_sum.item() != totals[1].token_sum.item()
     global_den = sum(t.weight_sum.detach() for t in totals)
     summed_sums = sum(pack(local_sums(t, None, module.objective.normalizer, 1)) for t in totals)  # the all-reduce
-    module.trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=lambda x, reduce_op: summed_sums))
+    module.trainer = SimpleNamespace(world_size=2, global_step=0, max_steps=1, strategy=SimpleNamespace(reduce=lambda x, reduce_op: summed_sums))
     summed, value = [torch.zeros_like(p) for p in params], 0.0
     for r in range(2):
         loss = module.reduce(rank_total(r, module), num_sequences=1)
@@ -327,6 +327,6 @@ def test_cli_loss_dspark_trains_logs_every_term_decodes_and_checkpoints_the_head
     heads = load_checkpoint(out / "checkpoints" / "last.ckpt").heads
     assert heads.markov_rank == 32 and heads.confidence is not None
     exported = export_tensors(heads)
-    assert set(exported) == {"markov_head.embed.weight", "markov_head.proj.weight", "confidence_head.weight",
-                             "confidence_head.bias"}
-    assert torch.equal(exported["markov_head.proj.weight"], state["heads.markov.proj.weight"])
+    assert set(exported) == {"markov_head.markov_w1.weight", "markov_head.markov_w2.weight",
+                             "confidence_head.proj.weight", "confidence_head.proj.bias"}  # the engines' names
+    assert torch.equal(exported["markov_head.markov_w2.weight"], state["heads.markov.proj.weight"])

@@ -109,7 +109,7 @@ def test_shipped_modeling_file_loads_an_export_and_reproduces_the_drafter(tmp_pa
     spec = importlib.util.spec_from_file_location("exported_modeling_dspark", tmp_path / "modeling_dspark.py")
     modeling = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(modeling)
-    model = modeling.DSparkDraftModel.from_pretrained(str(tmp_path))
+    model = modeling.Qwen3DSparkModel.from_pretrained(str(tmp_path))
 
     seq_len, anchor_pos, anchor = 10, 6, 3
     tapped, embeds = torch.randn(1, seq_len, 2 * HIDDEN), torch.randn(1, BLOCK, HIDDEN)
@@ -136,7 +136,7 @@ class _JsonWithWrongRank:
         self.json = json
 
     def dumps(self, config, **kwargs):
-        config = {**config, "dspark_config": {**config["dspark_config"], "markov_rank": 4}}
+        config = {**config, "markov_rank": 4}
         return self.json.dumps(config, **kwargs)
 
     def __getattr__(self, name):
@@ -182,8 +182,10 @@ def test_dspark_export_ships_heads_config_and_loader_and_decodes_like_the_checkp
     out = export_module.export(checkpoint, tmp_path / "export", None, "float32", overwrite=False)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "modeling_dspark.py"]
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["DSparkDraftModel"]
-    assert config["dspark_config"] == {"markov_rank": 8, "confidence_head": True, "label_offset": 1}
+    assert config["architectures"] == ["Qwen3DSparkModel"]  # what vLLM's and SGLang's Qwen3 DSpark loaders serve
+    assert (config["markov_rank"], config["enable_confidence_head"], config["confidence_head_with_markov"]) == \
+        (8, True, True)
+    assert "dspark_config" not in config
 
     target = FrozenTarget.load(str(random_target_dir), "float32", [0, 2])
     prompt = [5, 17, 9, 30, 2]
@@ -198,6 +200,6 @@ def test_dspark_export_ships_heads_config_and_loader_and_decodes_like_the_checkp
     assert decoded == [reference, reference]  # greedy speculative decoding is lossless either way
 
     monkeypatch.setattr(export_module, "json", _JsonWithWrongRank())  # config.json written with a wrong rank
-    with pytest.raises(export_module.ExportCheckError, match="dspark_config"):
+    with pytest.raises(export_module.ExportCheckError, match="markov_rank"):
         export_module.export(checkpoint, tmp_path / "wrong", None, "float32", overwrite=False)
     assert not (tmp_path / "wrong").exists()

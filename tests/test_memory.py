@@ -56,14 +56,15 @@ def test_the_activation_formula_matches_the_tensors_a_step_saves(monkeypatch, se
                                                                   mixed):
     import dflashtrain.models.dflash as dflash
     from dflashtrain.assets import TINY_TARGET_DIR
+    from dflashtrain.config.schema import DrafterConfig
     from dflashtrain.models.target import FrozenTarget, drafter_geometry, load_target_config, load_tokenizer
     from factories import make_module, make_objective
 
     monkeypatch.setattr(dflash, "attend", flex_like_attend)
     path = str(TINY_TARGET_DIR)
     target_config = load_target_config(path)
-    drafter_cfg = OmegaConf.create({"num_layers": num_layers, "block_size": 8, "target_layer_ids": [1, 3, 5],
-                                    "num_taps": 3, "intermediate_size": None, "logits_chunk_blocks": 2})
+    drafter_cfg = OmegaConf.structured(DrafterConfig(num_layers=num_layers, block_size=8, target_layer_ids=[1, 3, 5],
+                                                     num_taps=3, logits_chunk_blocks=2))
     geometry = drafter_geometry(target_config, drafter_cfg, load_tokenizer(path).mask_token_id)
     drafter = dflash.DFlashDrafter(geometry)
     target = FrozenTarget.load(path, "float32", geometry.target_layer_ids)

@@ -41,9 +41,12 @@ class Complete:
     def metrics(self, total, counts):
         return {}
 
+    def coefficients_at(self, step, total_steps):
+        return self.coefficients
+
 
 @pytest.mark.parametrize("member", ["name", "family", "label_offset", "normalizer", "coefficients", "needs_teacher",
-                                    "prepare_blocks", "metrics"])
+                                    "prepare_blocks", "metrics", "coefficients_at"])
 def test_a_missing_member_is_an_error_naming_it(member):
     check_objective(Complete())
     cls = type("Incomplete", (), {k: v for k, v in vars(Complete).items() if k != member})
@@ -120,7 +123,7 @@ def test_a_vp_step_trains_on_visible_prefixes_and_a_dflash_step_does_not():
 # ---------------------------------------------------------------------------------------------- a fifth objective
 TOY_MODULE = '''"""Objective ``toy``: the DFlash loss with linearly decreasing slot weights w_k = 1 / k (a test's objective)."""
 
-from dflashtrain.objectives.protocol import Normalizer, no_metrics, unchanged_blocks
+from dflashtrain.objectives.protocol import Normalizer, constant_coefficients, no_metrics, unchanged_blocks
 from dflashtrain.objectives.slots import slot_cross_entropy, supervision_mask, weighted_sums
 from dflashtrain.objectives.weights import first_drafted_offsets
 
@@ -134,6 +137,7 @@ class ToyObjective:
     needs_teacher = False
     prepare_blocks = staticmethod(unchanged_blocks)
     metrics = staticmethod(no_metrics)
+    coefficients_at = constant_coefficients
 
     def __init__(self, mask_mode):
         self.mask_mode = mask_mode

@@ -29,6 +29,8 @@ QWEN3_8B = {  # the published Qwen3-8B config.json, the fields the trainer reads
 DRAFTER_PARAMETERS = 5 * 4096 * 4096 + 5 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 12288 + 2 * 4096 + 2 * 128) \
     + 2 * 4096
 DSPARK_HEADS = 2 * 151936 * 256 + (4096 + 256) + 1  # W1, W2, confidence Linear(d + r, 1)
+DFLASH2_CONVS = 5 * 2 * (2 * 2 * 4096 + 2 * 2 * (4096 // 16) * 4096)  # per layer and sublayer: base + projection
+DFLASH2_SELECTOR = 2 * 151936 * 256 + 256 * 4096  # the two codebooks and the hidden projection
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,14 @@ def test_recipe_validates_and_builds_the_drafter_it_promises(recipe, qwen3_8b, t
         heads = family.build_heads(target_config.vocab_size, geometry.hidden_size, options)
     drafter_parameters = sum(p.numel() for p in drafter.parameters())
     head_parameters = sum(p.numel() for p in heads.parameters()) if heads is not None else 0
+    if family.name == "dflash2":
+        assert drafter_parameters == DRAFTER_PARAMETERS + DFLASH2_CONVS and head_parameters == DFLASH2_SELECTOR
+        assert (geometry.block_size, objective.base.gamma, geometry.sliding_window) == (8, 4.0, 2048)
+        assert options == {"conv_kernel_size": 2, "conv_group_size": 16, "selector_rank": 256, "selector_top_k": 16,
+                           "selector_stop_gradient": False}
+        assert objective.coefficients == {"ce": 1.0, "selector_ce": 1.0}
+        return
+    assert geometry.sliding_window is None
     assert drafter_parameters == DRAFTER_PARAMETERS  # ≈ 1.05 B
     assert 1.04e9 < drafter_parameters < 1.06e9
     if family.name == "dspark":

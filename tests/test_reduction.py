@@ -107,12 +107,13 @@ def test_fsdp_gathers_bf16_but_reduces_gradients_and_keeps_buffers_in_fp32():
     from lightning.pytorch.strategies import FSDPStrategy
     from omegaconf import OmegaConf
 
+    from dflashtrain.models.dflash import DFlashDecoderLayer
     from dflashtrain.train.parallelism import build_strategy
 
     parallelism = OmegaConf.create({"strategy": "fsdp", "sharding_strategy": "FULL_SHARD"})
-    strategy = build_strategy(parallelism, "bf16-mixed")
+    strategy = build_strategy(parallelism, "bf16-mixed", {DFlashDecoderLayer})
     assert isinstance(strategy, FSDPStrategy)
     policy = strategy.mixed_precision_config
     assert (policy.param_dtype, policy.reduce_dtype, policy.buffer_dtype) == (torch.bfloat16, torch.float32,
                                                                               torch.float32)
-    assert build_strategy(parallelism, "32-true").mixed_precision is None
+    assert build_strategy(parallelism, "32-true", {DFlashDecoderLayer}).mixed_precision is None

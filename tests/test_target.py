@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.schema import ConfigError, DrafterConfig
 from dflashtrain.models.target import (
     FrozenTarget,
     default_layer_ids,
@@ -45,9 +45,7 @@ def test_mask_token_resolution_order():
 
 def test_geometry_from_target_config(random_target_dir):
     config = load_target_config(str(random_target_dir))
-    drafter_cfg = OmegaConf.create(
-        {"num_layers": 2, "block_size": 4, "target_layer_ids": None, "num_taps": 2, "intermediate_size": None}
-    )
+    drafter_cfg = OmegaConf.structured(DrafterConfig(num_layers=2, block_size=4, num_taps=2))  # every key, defaults
     g = drafter_geometry(config, drafter_cfg, mask_token_id=5)
     assert (g.hidden_size, g.num_attention_heads, g.num_key_value_heads, g.head_dim) == (64, 4, 2, 16)
     assert g.intermediate_size == 128 and g.target_layer_ids == default_layer_ids(4, 2)

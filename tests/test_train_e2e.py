@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +81,7 @@ def test_runs_from_another_directory_on_a_target_saved_to_disk(random_target_dir
 
 
 def test_target_gets_no_gradient_and_is_not_optimized(random_target_dir, tiny_data):
+    from dflashtrain.config.schema import DrafterConfig
     from dflashtrain.data.datamodule import ChatDataModule
     from dflashtrain.models.dflash import DFlashDrafter
     from dflashtrain.models.target import FrozenTarget, drafter_geometry, load_target_config, load_tokenizer
@@ -90,9 +90,7 @@ def test_target_gets_no_gradient_and_is_not_optimized(random_target_dir, tiny_da
 
     path = str(random_target_dir)
     tokenizer = load_tokenizer(path)
-    drafter_cfg = OmegaConf.create(
-        {"num_layers": 1, "block_size": 4, "target_layer_ids": [0, 2], "num_taps": 2, "intermediate_size": None}
-    )
+    drafter_cfg = OmegaConf.structured(DrafterConfig(num_layers=1, block_size=4, target_layer_ids=[0, 2], num_taps=2))
     geometry = drafter_geometry(load_target_config(path), drafter_cfg, tokenizer.mask_token_id)
     target = FrozenTarget.load(path, "float32", geometry.target_layer_ids)
     module = make_module(DFlashDrafter(geometry), target, make_objective("decay", gamma=4.0), num_anchors=8,

@@ -159,6 +159,9 @@ def validate(cfg: DictConfig) -> None:
         _at_least("model.drafter.mask_token_id", drafter.mask_token_id, 0)
     if drafter.intermediate_size is not None:
         _positive("model.drafter.intermediate_size", drafter.intermediate_size)
+    if drafter.sliding_window is not None and drafter.sliding_window < drafter.block_size:
+        raise ConfigError("model.drafter.sliding_window", f"must be null (no window) or >= model.drafter.block_size "
+                                                          f"= {drafter.block_size}, got {drafter.sliding_window}")
     target_path = cfg.model.target.path
     if not Path(target_path, "config.json").is_file():
         raise ConfigError("model.target.path", f"no Hugging Face model directory (config.json) at {target_path!r}")
@@ -239,6 +242,7 @@ def validate_against_target(cfg: DictConfig, target_config: Any) -> None:
         if mask_id is not None and mask_id in (special if isinstance(special, list) else [special]):
             raise ConfigError("model.drafter.mask_token_id", f"{mask_id} is the target's {name}; MASK must be a row "
                                                              "no real token uses (null picks one)")
+    family_checks(objective_family(cfg)).check_against_target(cfg, target_config)
     max_positions = getattr(target_config, "max_position_embeddings", None)
     if max_positions is not None and cfg.data.max_length > max_positions:
         raise ConfigError("data.max_length", f"{cfg.data.max_length} exceeds the target's max_position_embeddings "

@@ -46,6 +46,16 @@ class DPaceMode(str, Enum):
     continuation = "continuation"
 
 
+class DFlash2Base(str, Enum):
+    decay = "decay"
+    dpace = "dpace"
+
+
+class SelectorGold(str, Enum):
+    exclude = "exclude"
+    inject = "inject"
+
+
 class Reduction(str, Enum):
     weighted_mean = "weighted_mean"
     per_sequence = "per_sequence"
@@ -94,6 +104,12 @@ class DrafterConfig:
     attention: AttentionBackend = AttentionBackend.auto  # auto: flex on CUDA, SDPA elsewhere
     logits_chunk_blocks: int = 64  # blocks per lm_head + loss chunk (memory), per sequence
     markov_rank: int = 0  # dspark family only: low-rank bigram head rank; loss=dspark sets it
+    sliding_window: Optional[int] = None  # null: attend to every earlier position; W >= block_size: the last W
+    # dflash2 family only (docs/dflash2.md): the dynamic convolutions and the candidate selector
+    conv_kernel_size: int = 2  # taps of the in-block convolution (1 = the current slot only)
+    conv_group_size: int = 16  # channels sharing one dynamic kernel delta; divides the hidden size
+    selector_rank: int = 256  # rank r of the bilinear edge score
+    selector_top_k: int = 16  # K unary candidates the selector chooses among
 
 
 @dataclass
@@ -188,6 +204,38 @@ class DSparkLossConfig:
         _gamma(self.gamma)
 
 
+@dataclass
+class DFlash2LossConfig:
+    """DFlash2: a DFlash base objective (decay or D-PACE) + α · the candidate selector's CE over the same
+    denominator (docs/dflash2.md, objective). The convolution and selector sizes are model.drafter keys."""
+
+    objective: ClassVar[str] = "dflashtrain.objectives.dflash2:DFlash2Objective"
+    base: DFlash2Base = DFlash2Base.decay
+    gamma: Optional[float] = BLOCK_GAMMA  # type: ignore[assignment]  # base decay: w_k = exp(-(k-1)/γ)
+    dpace_alpha: float = 0.5  # base dpace: q̃ = α + (1 − α)·q, in (0, 1]
+    dpace_mode: DPaceMode = DPaceMode.full  # base dpace
+    mask_mode: MaskMode = MaskMode.independent
+    target: TargetKind = TargetKind.hard
+    selector_alpha: float = 1.0  # > 0: weight of the selector term
+    selector_gold: SelectorGold = SelectorGold.exclude  # label outside the top-K: no selector loss, or inject it
+    selector_warmup_ratio: float = 0.0  # selector weight 0 for this fraction of trainer.max_steps
+    selector_ramp_ratio: float = 0.0  # then a linear ramp to selector_alpha over this fraction
+    selector_stop_gradient: bool = False  # the selector term does not move the unary logits or the draft hidden
+
+    def validate(self) -> None:
+        _gamma(self.gamma)
+        if not 0.0 < self.selector_alpha < float("inf"):
+            raise ConfigError("loss.selector_alpha", f"must be a finite number > 0, got {self.selector_alpha}")
+        if not 0.0 < self.dpace_alpha <= 1.0:
+            raise ConfigError("loss.dpace_alpha", f"must be in (0, 1], got {self.dpace_alpha}")
+        for key in ("selector_warmup_ratio", "selector_ramp_ratio"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"loss.{key}", f"must be in [0, 1), got {getattr(self, key)}")
+        if self.selector_warmup_ratio + self.selector_ramp_ratio >= 1.0:
+            raise ConfigError("loss.selector_ramp_ratio", "selector_warmup_ratio + selector_ramp_ratio must be < 1 "
+                                                          "(the selector would never reach selector_alpha)")
+
+
 def _gamma(gamma: Optional[float]) -> None:
     if gamma is not None and not 0.0 <= gamma < float("inf"):
         raise ConfigError("loss.gamma", f"must be a finite number >= 0, or null; got {gamma}")
@@ -199,6 +247,7 @@ LOSS_SCHEMAS: Dict[str, Type[Any]] = {
     "dpace": DPaceLossConfig,
     "vp_drafter": VPDrafterLossConfig,
     "dspark": DSparkLossConfig,
+    "dflash2": DFlash2LossConfig,
 }
 
 

@@ -3,8 +3,10 @@ by loading it back.
 
     <dir>/config.json        Qwen3 config of the drafter + "architectures": [<the family's>], "block_size",
                              "num_target_layers", "dflash_config": {"target_layer_ids", "mask_token_id"},
-                             "tie_word_embeddings": false; vocab_size and max_position_embeddings of the target;
-                             plus the family's fields (DSpark: "dspark_config")
+                             "tie_word_embeddings": false, "is_causal": false; vocab_size and
+                             max_position_embeddings of the target; a sliding window as "layer_types",
+                             "sliding_window", "use_sliding_window" and dflash_config "use_swa"/"swa_window_size";
+                             plus the family's fields (DSpark: "markov_rank", …; DFlash2: dflash_config entries)
     <dir>/model.safetensors  exactly the drafter's parameter names (fc, hidden_norm, norm, layers.*), plus the
                              family's head tensors; no embedding, no lm_head (the target's are used)
     <dir>/<family files>     e.g. DSpark's self-contained modeling_dspark.py
@@ -47,9 +49,18 @@ class ExportCheckError(RuntimeError):
 # ---------------------------------------------------------------------------------------------- HF format
 def hf_config(geometry: DrafterGeometry, num_target_layers: int, target_config: Any, dtype: str,
               family: DraftingFamily, head_options: Dict[str, Any]) -> Dict[str, Any]:
-    """The drafter's config.json: Qwen3 fields of the drafter (depth = drafter layers), the DFlash fields, and
-    what the family adds (its architecture name and fields)."""
+    """The drafter's config.json: Qwen3 fields of the drafter (depth = drafter layers), the DFlash fields, the
+    sliding window in the fields both engines read, and what the family adds (its architecture name and fields;
+    its ``dflash_config`` entries join the DFlash ones)."""
     num_layers = geometry.num_layers
+    window = geometry.sliding_window
+    family_fields = family.export_config(head_options)
+    dflash_config = {
+        "target_layer_ids": list(geometry.target_layer_ids),
+        "mask_token_id": geometry.mask_token_id,
+        **({"use_swa": True, "swa_window_size": window} if window is not None else {}),  # vLLM reads these first
+        **family_fields.pop("dflash_config", {}),
+    }
     return {
         "architectures": [family.architecture],
         "model_type": "qwen3",
@@ -63,7 +74,7 @@ def hf_config(geometry: DrafterGeometry, num_target_layers: int, target_config: 
         "hidden_size": geometry.hidden_size,
         "initializer_range": 0.02,
         "intermediate_size": geometry.intermediate_size,
-        "layer_types": ["full_attention"] * num_layers,
+        "layer_types": ["full_attention" if window is None else "sliding_attention"] * num_layers,
         "max_position_embeddings": target_config.max_position_embeddings,
         "max_window_layers": num_layers,
         "num_attention_heads": geometry.num_attention_heads,
@@ -73,8 +84,9 @@ def hf_config(geometry: DrafterGeometry, num_target_layers: int, target_config: 
         # Both spellings: transformers < 5 reads rope_theta, >= 5 reads rope_parameters.
         "rope_theta": geometry.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": geometry.rope_theta},
-        "sliding_window": None,
-        "use_sliding_window": False,
+        "sliding_window": window,
+        "use_sliding_window": window is not None,
+        "is_causal": False,  # the block attends bidirectionally; engines make sliding layers causal without it
         "tie_word_embeddings": False,
         "use_cache": True,
         "vocab_size": target_config.vocab_size,
@@ -82,16 +94,14 @@ def hf_config(geometry: DrafterGeometry, num_target_layers: int, target_config: 
         "torch_dtype": dtype,
         "block_size": geometry.block_size,
         "num_target_layers": num_target_layers,
-        "dflash_config": {
-            "target_layer_ids": list(geometry.target_layer_ids),
-            "mask_token_id": geometry.mask_token_id,
-        },
-        **family.export_config(head_options),
+        "dflash_config": dflash_config,
+        **family_fields,
     }
 
 
 def geometry_from_hf_config(config: Dict[str, Any]) -> DrafterGeometry:
     rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
+    sliding = "sliding_attention" in (config.get("layer_types") or [])
     return DrafterGeometry(
         hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"],
@@ -104,6 +114,7 @@ def geometry_from_hf_config(config: Dict[str, Any]) -> DrafterGeometry:
         target_layer_ids=list(config["dflash_config"]["target_layer_ids"]),
         block_size=config["block_size"],
         mask_token_id=config["dflash_config"]["mask_token_id"],
+        sliding_window=config["sliding_window"] if sliding else None,
     )
 
 
@@ -141,7 +152,8 @@ def reference_output(drafter: nn.Module, seed: int = 0) -> torch.Tensor:
     embeds = torch.randn(1, 2 * block, g.hidden_size, generator=generator).to(dtype)
     anchors = torch.tensor([[3, 9]])
     positions = (anchors.unsqueeze(-1) + torch.arange(block)).view(1, -1)
-    mask = AnchorAttentionMask.build(anchors, torch.ones_like(anchors, dtype=torch.bool), seq_len, block, False)
+    mask = AnchorAttentionMask.build(anchors, torch.ones_like(anchors, dtype=torch.bool), seq_len, block, False,
+                                     sliding_window=g.sliding_window)
     return drafter(embeds, tapped, positions, mask)
 
 
@@ -167,6 +179,9 @@ def check_export(original: LoadedDrafter, directory: Path, vocab_size: int) -> N
         "num_hidden_layers": geometry["num_layers"],
         "vocab_size": vocab_size,
         "tie_word_embeddings": False,
+        "sliding_window": geometry.get("sliding_window"),
+        "dflash_config.swa_window_size": geometry.get("sliding_window"),
+        "is_causal": False,
     }
     for name, want in expected.items():
         got = config
@@ -175,8 +190,9 @@ def check_export(original: LoadedDrafter, directory: Path, vocab_size: int) -> N
         if got != want:
             problems.append(f"{name} is {got!r}, checkpoint has {want!r}")
     read_options = family.options_from_export(config)
-    if read_options != meta["head_options"]:
-        problems.append(f"{family.name} options read back {read_options} != the checkpoint's {meta['head_options']} "
+    served = {k: v for k, v in meta["head_options"].items() if k not in family.training_options}
+    if read_options != served:
+        problems.append(f"{family.name} options read back {read_options} != the checkpoint's {served} "
                         f"(config.json {family.export_config(read_options)})")
     if problems:
         raise ExportCheckError(f"export check failed for {directory}: " + "; ".join(problems))

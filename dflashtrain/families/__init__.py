@@ -2,7 +2,8 @@
 
 Every objective names the family it trains (``Objective.family``). A family is one subpackage here with
 
-* ``checks.py`` (no torch): ``check(cfg)``, the family's config rules, run before any weight loads, and
+* ``checks.py`` (no torch): ``check(cfg, loss_name)``, the family's config rules, run before any weight loads,
+  ``check_against_target(cfg, target_config)``, its rules against the target's config.json, and
   ``head_options(cfg)``, the options its extra modules are built from (recorded in every checkpoint);
 * ``family.py``: ``FAMILY``, a :class:`DraftingFamily` — its extra trainable modules ("heads"), how a chunk's
   logits are made, how it drafts at inference, and what its export adds.
@@ -42,6 +43,7 @@ class DraftingFamily:
     heads_from_export: Callable[[Dict[str, Any], Dict[str, Any]], Any]
     is_head_tensor: Callable[[str], bool]  # exported tensor name -> whether it belongs to the heads
     export_files: Tuple[Path, ...] = field(default=())  # files copied into an export (e.g. a modeling file)
+    training_options: Tuple[str, ...] = field(default=())  # head options that only shape training: not exported
 
 
 def family_names() -> List[str]:
@@ -50,7 +52,7 @@ def family_names() -> List[str]:
 
 
 def family_checks(name: str) -> ModuleType:
-    """The light half of a family: ``check(cfg)`` and ``head_options(cfg)``."""
+    """The light half of a family: ``check``, ``check_against_target`` and ``head_options``."""
     return importlib.import_module(f"{__name__}.{_known(name)}.checks")
 
 

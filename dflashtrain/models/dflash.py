@@ -7,18 +7,20 @@
 
 The drafter owns no embedding and no LM head: block tokens are embedded, and logits taken, by the frozen target.
 Parameter names are the ones serving engines load (``fc.weight``, ``layers.{i}.self_attn.q_proj.weight``, ...).
+A drafting family may build the drafter with its own decoder layer (``make_layer``; DFlash2 wraps every sublayer
+in dynamic convolutions) around the same attention, MLP, context features and caches.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dflashtrain.models.masks import AnchorAttentionMask, attend
+from dflashtrain.models.masks import AnchorAttentionMask, attend, dense_visibility
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class DrafterGeometry:
     target_layer_ids: List[int]
     block_size: int
     mask_token_id: int
+    sliding_window: Optional[int] = None  # W (HF semantics, >= block_size) or None: every earlier context position
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -91,17 +94,20 @@ class DFlashAttention(nn.Module):
         key = apply_rope(self.k_norm(self._heads(self.k_proj(context), self.num_kv_heads)), *rope)
         return key, self._heads(self.v_proj(context), self.num_kv_heads)
 
-    def forward_cached(self, x: Tensor, context_key: Tensor, context_value: Tensor, rope_q: tuple) -> Tensor:
-        """Inference for one block: x [b, B, d] attends to every cached context key and to its whole block.
+    def forward_cached(self, x: Tensor, context_key: Tensor, context_value: Tensor, rope_q: tuple,
+                       window_mask: Optional[Tensor] = None) -> Tensor:
+        """Inference for one block: x [b, B, d] attends to the cached context keys given and to its whole block.
 
         The same KV injection as :meth:`forward`, with the context K/V precomputed: keys [K(c) ; K(x)]. The cache
-        holds exactly the positions before the anchor, so no mask is needed (the rule t < a holds by construction).
+        holds exactly the positions before the anchor, so without a sliding window no mask is needed (the rule
+        t < a holds by construction); with one, ``window_mask`` [B, T + B] bool is the same rule as training's.
         """
         query = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)), *rope_q)  # [b, H, B, hd]
         block_key, block_value = self.context_kv(x, rope_q)  # the block's own keys, same RoPE positions as q
         key = torch.cat([context_key, block_key], dim=2)  # [b, Hkv, T + B, hd]
         value = torch.cat([context_value, block_value], dim=2)
-        out = F.scaled_dot_product_attention(query, key, value, enable_gqa=query.shape[1] != key.shape[1])
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=window_mask,
+                                             enable_gqa=query.shape[1] != key.shape[1])
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -130,18 +136,24 @@ class DFlashDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), context, rope_q, rope_k, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_cached(self, x: Tensor, context_key: Tensor, context_value: Tensor, rope_q: tuple) -> Tensor:
-        x = x + self.self_attn.forward_cached(self.input_layernorm(x), context_key, context_value, rope_q)
+    def forward_cached(self, x: Tensor, context_key: Tensor, context_value: Tensor, rope_q: tuple,
+                       window_mask: Optional[Tensor] = None) -> Tensor:
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), context_key, context_value, rope_q,
+                                              window_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DFlashDrafter(nn.Module):
-    def __init__(self, geometry: DrafterGeometry):
+    """``make_layer(geometry)`` builds each decoder layer: :class:`DFlashDecoderLayer`, or a family's own with the
+    same ``forward``/``forward_cached`` signatures and a ``self_attn`` of :class:`DFlashAttention`."""
+
+    def __init__(self, geometry: DrafterGeometry,
+                 make_layer: Callable[[DrafterGeometry], nn.Module] = DFlashDecoderLayer):
         super().__init__()
         g = self.geometry = geometry
         self.fc = nn.Linear(len(g.target_layer_ids) * g.hidden_size, g.hidden_size, bias=False)
         self.hidden_norm = nn.RMSNorm(g.hidden_size, eps=g.rms_norm_eps)
-        self.layers = nn.ModuleList(DFlashDecoderLayer(g) for _ in range(g.num_layers))
+        self.layers = nn.ModuleList(make_layer(g) for _ in range(g.num_layers))
         self.norm = nn.RMSNorm(g.hidden_size, eps=g.rms_norm_eps)
         self.rotary = RotaryEmbedding(g.head_dim, g.rope_theta)
         self.reset_parameters()
@@ -195,16 +207,27 @@ class DFlashDrafter(nn.Module):
     @torch.no_grad()
     def draft_cached(self, block_embeds: Tensor, block_positions: Tensor, cache: "ContextCache") -> Tensor:
         """One block at inference: block_embeds [b, B, d] at block_positions [b, B] (anchor first), attending to
-        every cached context position (all strictly before the anchor) -> final hidden h [b, B, d].
+        every cached context position (all strictly before the anchor; with a sliding window W only those inside
+        each slot's window) -> final hidden h [b, B, d].
 
         Equal to :meth:`forward` for one kept block whose anchor is ``cache.length``.
         """
-        if cache.length == 0 or int(block_positions[0, 0]) != cache.length:
-            raise ValueError(f"block at {int(block_positions[0, 0])} needs the context before it; cache: {cache.length}")
+        start = int(block_positions[0, 0])
+        if cache.length == 0 or start != cache.length:
+            raise ValueError(f"block at {start} needs the context before it; cache: {cache.length}")
+        first, window_mask = 0, None
+        window = self.geometry.sliding_window
+        if window is not None:  # the training rule for one block at anchor `start`; older keys are never read
+            first = max(0, start - window + 1)
+            anchor = block_positions[:1, :1]
+            visible = dense_visibility(anchor, torch.ones_like(anchor, dtype=torch.bool), start,
+                                       block_embeds.shape[1], window)
+            window_mask = visible[0, :, first:]  # [B, (start - first) + B]
         rope_q = self.rotary(block_positions)
         x = block_embeds.to(self.fc.weight.dtype)
         for index, layer in enumerate(self.layers):
-            x = layer.forward_cached(x, cache.keys[index], cache.values[index], rope_q)
+            x = layer.forward_cached(x, cache.keys[index][:, :, first:], cache.values[index][:, :, first:], rope_q,
+                                     window_mask)
         return self.norm(x)
 
 

@@ -7,6 +7,10 @@ A query in block ``b`` (anchor ``a_b``) sees
 * every slot of its own block (bidirectional);
 * nothing else; a dummy block (``block_keep = False``) sees nothing and its attention output is zero.
 
+With a sliding window W (``model.drafter.sliding_window``, docs/architecture.md, sliding window) a query at
+absolute position ``a_b + k`` also needs ``(a_b + k) − t < W`` for context key ``t`` (the window counts the query
+itself, as in HF); its own block stays wholly visible, since W ≥ B.
+
 On CUDA the rule is a flex-attention ``BlockMask`` (memory O(S + N·B)); elsewhere it is a dense boolean mask for
 SDPA, since flex attention has no CPU backward. Both give the same output.
 """
@@ -21,23 +25,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def anchor_mask_mod(anchor_positions: Tensor, block_keep: Tensor, seq_len: int, block_size: int) -> Callable:
+def anchor_mask_mod(anchor_positions: Tensor, block_keep: Tensor, seq_len: int, block_size: int,
+                    sliding_window: Optional[int] = None) -> Callable:
     """The rule as a flex-attention ``mask_mod(batch, head, q_idx, kv_idx) -> bool``.
 
-    anchor_positions, block_keep: [b, N].
+    anchor_positions, block_keep: [b, N]; sliding_window: W or None (no window).
     """
 
     def mask_mod(batch, head, q_idx, kv_idx):
         block = q_idx // block_size
         keep = block_keep[batch, block]
-        sees_context = (kv_idx < seq_len) & (kv_idx < anchor_positions[batch, block])
+        anchor = anchor_positions[batch, block]
+        sees_context = (kv_idx < seq_len) & (kv_idx < anchor)
+        if sliding_window is not None:
+            sees_context = sees_context & (anchor + q_idx % block_size - kv_idx < sliding_window)
         sees_own_block = (kv_idx >= seq_len) & ((kv_idx - seq_len) // block_size == block)
         return keep & (sees_context | sees_own_block)
 
     return mask_mod
 
 
-def dense_visibility(anchor_positions: Tensor, block_keep: Tensor, seq_len: int, block_size: int) -> Tensor:
+def window_visibility(anchor_positions: Tensor, seq_len: int, block_size: int, sliding_window: int) -> Tensor:
+    """Context keys inside each query's window: [b, N·B, S] bool, True iff (a + k) − t < W."""
+    slots = torch.arange(block_size, device=anchor_positions.device)
+    query_positions = (anchor_positions.unsqueeze(-1) + slots).flatten(1)  # [b, N·B]
+    context = torch.arange(seq_len, device=anchor_positions.device)
+    return query_positions.unsqueeze(-1) - context < sliding_window
+
+
+def dense_visibility(anchor_positions: Tensor, block_keep: Tensor, seq_len: int, block_size: int,
+                     sliding_window: Optional[int] = None) -> Tensor:
     """The rule as a dense bool tensor [b, N·B, S + N·B] (True = visible). For SDPA and tests."""
     batch, num_blocks = anchor_positions.shape
     device = anchor_positions.device
@@ -46,7 +63,10 @@ def dense_visibility(anchor_positions: Tensor, block_keep: Tensor, seq_len: int,
     own = torch.eye(num_blocks, dtype=torch.bool, device=device)  # [N, N]
     sees_blocks = own.repeat_interleave(block_size, dim=1).unsqueeze(0).expand(batch, -1, -1)  # [b, N, N·B]
     visible = torch.cat([sees_context, sees_blocks], dim=-1) & block_keep.unsqueeze(-1)  # [b, N, S + N·B]
-    return visible.repeat_interleave(block_size, dim=1)  # [b, N·B, S + N·B]
+    visible = visible.repeat_interleave(block_size, dim=1)  # [b, N·B, S + N·B]
+    if sliding_window is not None:
+        visible[..., :seq_len] &= window_visibility(anchor_positions, seq_len, block_size, sliding_window)
+    return visible
 
 
 @dataclass
@@ -59,7 +79,8 @@ class AnchorAttentionMask:
 
     @classmethod
     def build(
-        cls, anchor_positions: Tensor, block_keep: Tensor, seq_len: int, block_size: int, use_flex: bool
+        cls, anchor_positions: Tensor, block_keep: Tensor, seq_len: int, block_size: int, use_flex: bool,
+        sliding_window: Optional[int] = None,
     ) -> "AnchorAttentionMask":
         batch, num_blocks = anchor_positions.shape
         num_queries = num_blocks * block_size
@@ -67,7 +88,7 @@ class AnchorAttentionMask:
         if use_flex:
             from torch.nn.attention.flex_attention import create_block_mask
 
-            mask_mod = anchor_mask_mod(anchor_positions, block_keep, seq_len, block_size)
+            mask_mod = anchor_mask_mod(anchor_positions, block_keep, seq_len, block_size, sliding_window)
             # _compile builds the block mask tile by tile; uncompiled it would first materialize the dense mask.
             block_mask = create_block_mask(
                 mask_mod, batch, None, num_queries, seq_len + num_queries, device=anchor_positions.device,
@@ -76,7 +97,7 @@ class AnchorAttentionMask:
             return cls(query_keep=query_keep.float(), block_mask=block_mask)
         # A dummy block's query row would be all False, and SDPA turns an empty row into NaN (also in the
         # backward pass). Let such rows see their own block instead and zero their output afterwards.
-        rule = dense_visibility(anchor_positions, block_keep, seq_len, block_size)
+        rule = dense_visibility(anchor_positions, block_keep, seq_len, block_size, sliding_window)
         everything_own = dense_visibility(anchor_positions, torch.ones_like(block_keep), seq_len, block_size)
         own_block_only = everything_own.clone()
         own_block_only[..., :seq_len] = False

@@ -75,6 +75,7 @@ def drafter_geometry(target_config, drafter_cfg, mask_token_id: int) -> DrafterG
         target_layer_ids=layer_ids,
         block_size=drafter_cfg.block_size,
         mask_token_id=mask_token_id,
+        sliding_window=drafter_cfg.sliding_window,
     )
 
 

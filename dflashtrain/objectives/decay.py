@@ -8,10 +8,19 @@ token or, with ``target: kd``, soft CE against the target's distribution. γ = 0
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
+
+from torch import Tensor
 
 from dflashtrain.config.schema import MaskMode, TargetKind
-from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, SlotChunk, no_metrics, unchanged_blocks
+from dflashtrain.objectives.protocol import (
+    ChunkLoss,
+    Normalizer,
+    SlotChunk,
+    constant_coefficients,
+    no_metrics,
+    unchanged_blocks,
+)
 from dflashtrain.objectives.slots import slot_loss, supervision_mask, weighted_sums
 from dflashtrain.objectives.weights import decay_weights, first_drafted_offsets
 
@@ -19,6 +28,7 @@ from dflashtrain.objectives.weights import decay_weights, first_drafted_offsets
 class DecayObjective:
     name = "decay"
     family = "dflash"
+    coefficients_at = constant_coefficients
     label_offset = 0  # DFlash convention: slot k predicts x[a + k]
     normalizer = Normalizer.weight
     coefficients = {"ce": 1.0}
@@ -32,6 +42,10 @@ class DecayObjective:
         self.needs_teacher = self.target == TargetKind.kd
 
     def __call__(self, chunk: SlotChunk) -> ChunkLoss:
+        return weighted_sums(*self.slot_terms(chunk))
+
+    def slot_terms(self, chunk: SlotChunk) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
+        """(per-slot losses {"ce": ℓ}, weights w, mask m), each [b, c, B]: what the chunk's sums are made of."""
         weights = decay_weights(first_drafted_offsets(chunk.drafted), self.gamma)  # [b, c, B]
         mask = supervision_mask(chunk.valid, chunk.drafted, self.mask_mode)
-        return weighted_sums({"ce": slot_loss(chunk, self.target)}, weights, mask)
+        return {"ce": slot_loss(chunk, self.target)}, weights, mask

@@ -16,12 +16,20 @@ is ignored (the schema warns when it is set). The step applies ``den`` through :
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from dflashtrain.config.schema import ConfigError, DPaceMode, MaskMode, Reduction, TargetKind
-from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, SlotChunk, no_metrics, unchanged_blocks
+from dflashtrain.objectives.protocol import (
+    ChunkLoss,
+    Normalizer,
+    SlotChunk,
+    constant_coefficients,
+    no_metrics,
+    unchanged_blocks,
+)
 from dflashtrain.objectives.slots import slot_cross_entropy, slot_loss, supervision_mask, weighted_sums
 from dflashtrain.objectives.weights import dpace_weights
 
@@ -36,6 +44,7 @@ REDUCTION_NORMALIZER = {
 class DPaceObjective:
     name = "dpace"
     family = "dflash"
+    coefficients_at = constant_coefficients
     label_offset = 0  # DFlash convention: slot k predicts x[a + k]
     coefficients = {"ce": 1.0}
     prepare_blocks = staticmethod(unchanged_blocks)
@@ -55,10 +64,14 @@ class DPaceObjective:
         del gamma  # ignored under dpace: the schema keeps it only to warn when it is set
 
     def __call__(self, chunk: SlotChunk) -> ChunkLoss:
+        return weighted_sums(*self.slot_terms(chunk))
+
+    def slot_terms(self, chunk: SlotChunk) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
+        """(per-slot losses {"ce": ℓ}, weights w, mask m), each [b, c, B]: what the chunk's sums are made of."""
         mask = supervision_mask(chunk.valid, chunk.drafted, self.mask_mode)  # [b, c, B]
         loss = slot_loss(chunk, self.target)  # [b, c, B]
         with torch.no_grad():
             hard_ce = loss if self.target == TargetKind.hard else slot_cross_entropy(chunk.logits, chunk.labels)
             confidence = torch.exp(-hard_ce.detach())  # q [b, c, B]
         weights = dpace_weights(confidence, mask, self.alpha, self.mode.value)  # [b, c, B], no grad
-        return weighted_sums({"ce": loss}, weights, mask)
+        return {"ce": loss}, weights, mask

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dflashtrain.config.schema import MaskMode
-from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, SlotChunk, unchanged_blocks
+from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, SlotChunk, constant_coefficients, unchanged_blocks
 from dflashtrain.objectives.slots import slot_cross_entropy, supervision_mask, weighted_sums
 from dflashtrain.objectives.metrics import SlotCounts, confidence_sums, summarize_confidence
 from dflashtrain.objectives.weights import decay_weights, first_drafted_offsets
@@ -47,6 +47,7 @@ def confidence_target(l1: Tensor) -> Tensor:
 class DSparkObjective:
     name = "dspark"
     family = "dspark"  # the Markov and confidence heads, sequential drafting
+    coefficients_at = constant_coefficients
     label_offset = 1  # next-token convention: slot k predicts x[a + k + 1], slot 0 supervised
     normalizer = Normalizer.weight
     needs_teacher = True  # p_t comes from the target's final hidden state at label_pos − 1 = a + k

@@ -7,7 +7,8 @@ reduction):
     loss = W · Σ_t α_t · num_t / (all_reduce(den) + ε)
 
 ``num_t`` are the loss terms (``ChunkLoss.terms``), ``α_t`` the objective's :attr:`Objective.coefficients` (the
-two must name the same terms), ``den`` is chosen by :attr:`Objective.normalizer`. Statistics that are not loss
+two must name the same terms; :meth:`Objective.coefficients_at` may schedule them over the steps), ``den``
+is chosen by :attr:`Objective.normalizer`. Statistics that are not loss
 terms travel separately in ``ChunkLoss.stats`` and only ever reach :meth:`Objective.metrics`.
 
 :func:`check_objective` is applied to every objective the trainer builds: a missing member or a value of the wrong
@@ -83,9 +84,13 @@ class Objective(Protocol):
     def metrics(self, total: ChunkLoss, counts: "SlotCounts") -> Dict[str, Tensor]:
         """Objective-specific metrics of a batch (its summed chunks), logged as train/<name>."""
 
+    def coefficients_at(self, step: int, total_steps: int) -> Mapping[str, float]:
+        """The coefficients at an optimizer step (same names as :attr:`coefficients`; DFlash2 ramps its selector
+        weight). Objectives without a schedule declare ``coefficients_at = constant_coefficients``."""
+
 
 MEMBERS = ("name", "family", "label_offset", "normalizer", "coefficients", "needs_teacher",
-           "prepare_blocks", "__call__", "metrics")
+           "prepare_blocks", "__call__", "metrics", "coefficients_at")
 
 
 def check_objective(objective: object) -> Objective:
@@ -109,11 +114,17 @@ def check_objective(objective: object) -> Objective:
     if not isinstance(coefficients, Mapping) or not coefficients or not all(
             isinstance(k, str) and isinstance(v, float) for k, v in coefficients.items()):
         problems.append(f"coefficients {coefficients!r} is not a non-empty mapping of term name -> float")
-    if not all(callable(getattr(objective, name)) for name in ("prepare_blocks", "__call__", "metrics")):
-        problems.append("prepare_blocks, __call__ and metrics must be callable")
+    callables = ("prepare_blocks", "__call__", "metrics", "coefficients_at")
+    if not all(callable(getattr(objective, name)) for name in callables):
+        problems.append(f"{', '.join(callables)} must be callable")
     if problems:
         raise TypeError(f"objective {where}: " + "; ".join(problems))
     return objective  # type: ignore[return-value]
+
+
+def constant_coefficients(objective: Objective, step: int, total_steps: int) -> Mapping[str, float]:
+    """``coefficients_at`` of an objective whose coefficients do not change during training."""
+    return objective.coefficients
 
 
 def unchanged_blocks(blocks: "DraftBlocks", input_ids: Tensor, rng: "RowGenerators") -> "DraftBlocks":

@@ -23,7 +23,7 @@ from dflashtrain.config.schema import DEFAULT_PREFIX_WEIGHT_BASE, MaskMode, Targ
 from dflashtrain.data.blocks import DraftBlocks
 from dflashtrain.data.sampling import RowGenerators
 from dflashtrain.objectives.metrics import SlotCounts
-from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, SlotChunk
+from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, SlotChunk, constant_coefficients
 from dflashtrain.objectives.slots import slot_loss, supervision_mask, weighted_sums
 from dflashtrain.objectives.weights import decay_weights, first_drafted_offsets
 
@@ -101,6 +101,7 @@ def vp_supervision_mask(valid: Tensor, drafted: Tensor, mode: MaskMode) -> Tenso
 class VPDrafterObjective:
     name = "vp_drafter"
     family = "dflash"
+    coefficients_at = constant_coefficients
     label_offset = 0  # DFlash convention: slot k predicts x[a + k]
     normalizer = Normalizer.weight
     coefficients = {"ce": 1.0}

@@ -134,7 +134,8 @@ class DraftModule(L.LightningModule):
         with torch.no_grad():
             block_embeds = self.target.embed_tokens(blocks.input_ids.view(batch, -1))  # [b, N·B, d]
         mask = AnchorAttentionMask.build(
-            blocks.anchor_positions, blocks.block_keep, states.tapped.shape[1], block_size, self.use_flex()
+            blocks.anchor_positions, blocks.block_keep, states.tapped.shape[1], block_size, self.use_flex(),
+            sliding_window=self.drafter.geometry.sliding_window,
         )
         hidden = self.drafter(block_embeds, states.tapped, blocks.position_ids.view(batch, -1), mask)
         return hidden.view(batch, num_blocks, block_size, -1)
@@ -159,11 +160,15 @@ class DraftModule(L.LightningModule):
     def reduce(self, total: ChunkLoss, num_sequences: int, counts: Optional[SlotCounts] = None) -> Tensor:
         """W · Σ α·num_local / (P + ε) (train/reduction.py): the micro-batch's sums are all-reduced in one collective
         on a packed detached copy and added to the step's window; P is the window's provisional denominator."""
-        numerator = loss_numerator(total, self.objective.coefficients)
+        numerator = loss_numerator(total, self.coefficients())
         local = local_sums(total, counts, self.objective.normalizer, num_sequences)
         global_sums = unpack(self.trainer.strategy.reduce(pack(local), reduce_op="sum"), like=local)
         provisional = self.window.add(global_sums, num_sequences)
         return self.trainer.world_size * numerator / (provisional + EPS)
+
+    def coefficients(self) -> Dict[str, float]:
+        """The objective's loss coefficients at this optimizer step (constant unless the objective schedules them)."""
+        return dict(self.objective.coefficients_at(self.global_step, self.trainer.max_steps))
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         total, counts, _ = self.forward_loss(batch, self.chunk_blocks)
@@ -182,7 +187,7 @@ class DraftModule(L.LightningModule):
                         self.global_step, self.skipped_empty_steps)
             return
         scale_gradients(self.trainable_parameters(), factor)
-        loss = loss_numerator(sums.total, self.objective.coefficients) / (sums.den + EPS)
+        loss = loss_numerator(sums.total, self.coefficients()) / (sums.den + EPS)
         self.log_step(loss, sums.total, sums.counts, rows)
 
     # ------------------------------------------------------------------------------------------ logging
@@ -199,6 +204,8 @@ class DraftModule(L.LightningModule):
         for k in torch.nonzero(counts.valid).flatten().tolist():
             self.log(f"train/weight_k/{k}", mean_weight[k], batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        for name, alpha in self.coefficients().items():  # where a schedule (DFlash2's selector ramp) stands
+            self.log(f"train/coefficient/{name}", alpha, batch_size=size)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

@@ -15,7 +15,7 @@ state, which any strategy and any world size can resume (docs/fsdp.md, checkpoin
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Optional, Set, Type
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
@@ -23,7 +23,6 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dflashtrain.config.schema import Strategy
-from dflashtrain.models.dflash import DFlashDecoderLayer
 
 # parallelism.sharding_strategy -> fully_shard's reshard_after_forward (fsdp2). FULL_SHARD frees each layer's
 # gathered parameters after its forward (and gathers again for the backward); SHARD_GRAD_OP keeps them.
@@ -44,11 +43,12 @@ def fsdp_mixed_precision(precision: str):
     return MixedPrecision(param_dtype=param_dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
 
 
-def build_strategy(parallelism: DictConfig, precision: str):
+def build_strategy(parallelism: DictConfig, precision: str, layer_classes: Set[Type[nn.Module]]):
+    """``layer_classes``: the drafter's decoder-layer classes (the family's), each one an FSDP unit."""
     strategy = Strategy(parallelism.strategy)
     if strategy == Strategy.fsdp:
         return FSDPStrategy(
-            auto_wrap_policy={DFlashDecoderLayer},
+            auto_wrap_policy=set(layer_classes),
             sharding_strategy=parallelism.sharding_strategy,
             state_dict_type="full",
             use_orig_params=True,

@@ -7,9 +7,11 @@ from typing import Any, Dict
 from omegaconf import DictConfig
 
 from dflashtrain.config.schema import ConfigError
+from dflashtrain.families.dflash2.checks import refuse_options
 
 
 def check(cfg: DictConfig, loss_name: str) -> None:
+    refuse_options(cfg, loss_name)
     rank = cfg.model.drafter.markov_rank
     if rank != 0:
         raise ConfigError(
@@ -17,6 +19,10 @@ def check(cfg: DictConfig, loss_name: str) -> None:
             f"is {rank}, but the Markov head is a DSpark head (next-token convention) and loss={loss_name} trains "
             "the dflash family (DFlash convention); use loss=dspark or model.drafter.markov_rank=0",
         )
+
+
+def check_against_target(cfg: DictConfig, target_config: Any) -> None:
+    pass
 
 
 def head_options(cfg: DictConfig) -> Dict[str, Any]:

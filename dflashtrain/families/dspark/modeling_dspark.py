@@ -3,7 +3,7 @@
 This file is copied verbatim into an exported DSpark directory (it imports nothing from dflashtrain) so a user
 or a serving integration can load the drafter without the trainer:
 
-    model = DSparkDraftModel.from_pretrained("/path/to/export")          # config.json + model.safetensors
+    model = Qwen3DSparkModel.from_pretrained("/path/to/export")          # config.json + model.safetensors
     embeds = target.get_input_embeddings()(block_ids)                    # block_ids = [anchor, MASK, …] [b, B]
     hidden = model(embeds, tapped, start)                                # tapped: target features of 0..start−1
     tokens, probs, confidences = model.draft(hidden[0], anchor, target.get_output_embeddings(), temperature=0.0)
@@ -11,11 +11,11 @@ or a serving integration can load the drafter without the trainer:
 The backbone is DFlash (config "dflash_config"): c = hidden_norm(fc(concat of tapped target layer outputs));
 each Qwen3-style layer attends from the block to [K(c) ; K(block)] (KV injection, q/k RMSNorm, RoPE at absolute
 positions, SwiGLU); the block [anchor, MASK, …] sits at positions start .. start+B−1 and sees every context
-position before the anchor. DSpark (config "dspark_config") uses the next-token convention — slot k proposes the
-token at position start+k+1 — and drafts left to right through a low-rank Markov head:
+position before the anchor. DSpark (config "markov_rank", "enable_confidence_head") uses the next-token convention
+— slot k proposes the token at position start+k+1 — and drafts left to right through a low-rank Markov head:
 
-    z_k = lm_head(h_k) + W2·W1[prev_k],  prev_0 = anchor, prev_{k+1} = t_k       (markov_head.embed / .proj)
-    c_k = σ(w·[h_k ; W1[prev_k]] + b)                                            (confidence_head)
+    z_k = lm_head(h_k) + W2·W1[prev_k],  prev_0 = anchor, prev_{k+1} = t_k       (markov_head.markov_w1 / _w2)
+    c_k = σ(w·[h_k ; W1[prev_k]] + b)                                            (confidence_head.proj)
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ class Layer(nn.Module):
     def _split(self, x: Tensor, heads: int) -> Tensor:
         return x.view(x.shape[0], x.shape[1], heads, self.head_dim).transpose(1, 2)  # [b, heads, P, hd]
 
-    def forward(self, x: Tensor, context: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
-        """x [b, B, d] block, context [b, T, d] (positions 0..T−1 < anchor), positions [T + B]."""
+    def forward(self, x: Tensor, context: Tensor, positions: Tensor, inv_freq: Tensor,
+                attn_mask: Optional[Tensor] = None) -> Tensor:
+        """x [b, B, d] block, context [b, T, d] (positions 0..T−1 < anchor), positions [T + B], attn_mask [B, T + B]
+        bool (a sliding window) or None (every context key)."""
         a, h = self.self_attn, self.input_layernorm(x)
         block_len = x.shape[1]
         q = _rope(a.q_norm(self._split(a.q_proj(h), self.heads)), positions[-block_len:], inv_freq)
@@ -74,34 +76,36 @@ class Layer(nn.Module):
         v = self._split(a.v_proj(keys_in), self.kv_heads)
         repeat = self.heads // self.kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v)  # every context key precedes the anchor; block bidirectional
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # block bidirectional
         x = x + a.o_proj(out.transpose(1, 2).reshape(x.shape[0], block_len, -1))
         m, h = self.mlp, self.post_attention_layernorm(x)
         return x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
 
 
-class DSparkDraftModel(nn.Module):
+class Qwen3DSparkModel(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         c, self.config = config, config
         d, taps = c["hidden_size"], len(c["dflash_config"]["target_layer_ids"])
-        dspark = c["dspark_config"]
-        rank = dspark["markov_rank"]
+        rank = c["markov_rank"]
         self.block_size, self.mask_token_id = c["block_size"], c["dflash_config"]["mask_token_id"]
         self.fc = nn.Linear(taps * d, d, bias=False)
         self.hidden_norm = nn.RMSNorm(d, eps=c["rms_norm_eps"])
         self.layers = nn.ModuleList(Layer(c) for _ in range(c["num_hidden_layers"]))
         self.norm = nn.RMSNorm(d, eps=c["rms_norm_eps"])
         self.markov_head = nn.Module()
-        self.markov_head.embed = nn.Embedding(c["vocab_size"], rank)  # W1
-        self.markov_head.proj = nn.Linear(rank, c["vocab_size"], bias=False)  # W2
-        self.confidence_head = nn.Linear(d + rank, 1) if dspark["confidence_head"] else None
+        self.markov_head.markov_w1 = nn.Embedding(c["vocab_size"], rank)  # W1
+        self.markov_head.markov_w2 = nn.Linear(rank, c["vocab_size"], bias=False)  # W2
+        self.confidence_head = None
+        if c.get("enable_confidence_head"):
+            self.confidence_head = nn.Module()
+            self.confidence_head.proj = nn.Linear(d + rank, 1)
         theta = c.get("rope_theta") or c["rope_parameters"]["rope_theta"]
         hd = c["head_dim"]
         self.register_buffer("inv_freq", 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd)), persistent=False)
 
     @classmethod
-    def from_pretrained(cls, directory: str, dtype: Optional[torch.dtype] = None) -> "DSparkDraftModel":
+    def from_pretrained(cls, directory: str, dtype: Optional[torch.dtype] = None) -> "Qwen3DSparkModel":
         config = json.loads(Path(directory, "config.json").read_text())
         state = load_file(str(Path(directory, "model.safetensors")))
         model = cls(config).to(dtype or next(iter(state.values())).dtype)
@@ -115,9 +119,13 @@ class DSparkDraftModel(nn.Module):
         context = self.hidden_norm(self.fc(tapped_states.to(self.fc.weight.dtype)))  # [b, T, d]
         positions = torch.cat([torch.arange(context.shape[1]), torch.arange(start, start + block_embeds.shape[1])])
         positions = positions.to(block_embeds.device)  # [T + B]: context 0..T−1, block start..start+B−1
+        mask = None
+        if "sliding_attention" in (self.config.get("layer_types") or []):  # context t iff (start + k) − t < W
+            block_positions = positions[-block_embeds.shape[1]:, None]
+            mask = (positions[None, :] >= start) | (block_positions - positions[None, :] < self.config["sliding_window"])
         x = block_embeds.to(self.fc.weight.dtype)
         for layer in self.layers:
-            x = layer(x, context, positions, self.inv_freq)
+            x = layer(x, context, positions, self.inv_freq, mask)
         return self.norm(x)
 
     @torch.no_grad()
@@ -127,12 +135,13 @@ class DSparkDraftModel(nn.Module):
         prev = torch.tensor(anchor, device=hidden.device)
         tokens, probs, confidences = [], [], []
         for k in range(hidden.shape[0]):
-            e = self.markov_head.embed(prev)  # W1[prev] [r]
+            e = self.markov_head.markov_w1(prev)  # W1[prev] [r]
             logits = (lm_head(hidden[k].to(lm_head.weight.dtype)).float()
-                      + self.markov_head.proj(e).float())  # z_k [V]
+                      + self.markov_head.markov_w2(e).float())  # z_k [V]
             if self.confidence_head is not None:
-                features = torch.cat([hidden[k], e.to(hidden.dtype)]).to(self.confidence_head.weight.dtype)
-                confidences.append(torch.sigmoid(self.confidence_head(features).float())[0])
+                proj = self.confidence_head.proj
+                features = torch.cat([hidden[k], e.to(hidden.dtype)]).to(proj.weight.dtype)
+                confidences.append(torch.sigmoid(proj(features).float())[0])
             if temperature == 0:
                 token = logits.argmax()
                 q = F.one_hot(token, logits.shape[-1]).float()
