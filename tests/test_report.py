@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from dflashtrain.config.schema import ConfigError, ReportConfig, register_configs
 from dflashtrain.report.app import make_report
 from dflashtrain.report.jobs import job_command_line, read_status, recorded_run, write_status
-from dflashtrain.report.plots import curve_figure
-from dflashtrain.report.runs import find_runs, read_run
+from dflashtrain.report.plots import curve_figure, run_labels
+from dflashtrain.report.runs import find_runs, read_run, run_names
 from dflashtrain.report.table import trailing_means
 
 register_configs()
@@ -108,7 +108,8 @@ def test_rows_winners_csv_and_plots_from_the_runs_files(sweep, tmp_path):
 
 def test_a_plot_has_one_labelled_line_per_run_and_names_the_sweep(sweep):
     runs = [read_run(path) for path in find_runs([str(sweep)])]
-    labels = ["0: loss=decay", "1: loss=dpace", "2: loss=dspark"]
+    labels = run_labels(runs, ["loss"], [{"run": name} for name in run_names(runs)])
+    assert labels == ["0: loss=decay", "1: loss=dpace", "2: loss=dspark"]
     axes = curve_figure("train/loss", runs, labels, "multirun/x").axes[0]
     assert axes.get_title().startswith("multirun/x: train/loss") and axes.get_xlabel() == "optimizer step"
     assert axes.get_ylabel().startswith("train/loss")
@@ -246,5 +247,14 @@ def test_the_report_settings_are_typed_in_the_train_config():
     with initialize_config_dir(config_dir=str(RECIPES.parent / "conf"), version_base=None):
         cfg = compose("train", overrides=["hydra.callbacks.report.num_prompts=4"], return_hydra_config=True)
     assert OmegaConf.get_type(cfg.hydra.callbacks.report) is ReportConfig
+    assert (ReportConfig.num_prompts, ReportConfig.max_new_tokens) == (16, 64)  # the README's numbers
     assert cfg.hydra.callbacks.report.num_prompts == 4 and cfg.hydra.callbacks.report.single_run is False
     assert json.loads(json.dumps(OmegaConf.to_container(cfg.hydra.callbacks.report)))["tau"] is True
+
+
+def test_a_swept_key_a_run_did_not_set_shows_what_its_config_used(tmp_path):
+    make_run(tmp_path, "a", ["loss=dpace"], "dpace", scalars=curves([1.0], [0.1]))
+    make_run(tmp_path, "b", [], "decay", scalars=curves([1.0], [0.2]))
+    (tmp_path / "b" / ".hydra" / "overrides.yaml").write_text("- seed=3\n")
+    report = make_report([str(tmp_path / "a"), str(tmp_path / "b")], NO_TAU, tmp_path / "out")
+    assert [(row["run"], row["loss"], row["seed"]) for row in report.rows] == [("a", "dpace", "0"), ("b", "decay", "3")]

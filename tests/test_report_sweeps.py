@@ -47,7 +47,7 @@ def table_lines(stdout: str):
     return [line for line in stdout.splitlines() if line.startswith("| ")]
 
 
-def test_a_two_run_sweep_ends_in_the_table_csv_plots_and_real_tau(data, tmp_path):
+def test_a_two_run_sweep_ends_in_the_table_csv_plots_and_real_tau(data, tmp_path, monkeypatch):
     result = sweep(tmp_path, "loss=decay,dpace", "trainer.max_steps=3", "eval.every_n_steps=2", f"data.path={data}",
                    "hydra.sweep.dir=sweep", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -73,6 +73,16 @@ def test_a_two_run_sweep_ends_in_the_table_csv_plots_and_real_tau(data, tmp_path
         assert (report / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert (report / "report.md").read_text().strip() in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # nothing written anywhere else
+
+    # a second report reuses each run's τ (nothing is decoded) while the checkpoints are unchanged
+    import dflashtrain.inference.evaluate as evaluate
+    from dflashtrain.config.schema import ReportConfig
+    from dflashtrain.report.app import make_report
+
+    monkeypatch.setattr(evaluate, "run", lambda cfg: pytest.fail("decoded again"))
+    monkeypatch.chdir(tmp_path)
+    again = make_report(["sweep"], ReportConfig(num_prompts=2, max_new_tokens=8), tmp_path / "again")
+    assert [row["tau"] for row in again.rows] == [float(row["tau"]) for row in rows]
 
 
 def test_a_run_failing_mid_sweep_is_a_failed_row_and_the_sweep_and_report_go_on(data, tmp_path):
