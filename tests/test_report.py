@@ -159,7 +159,8 @@ def test_csv_logs_are_read_when_there_are_no_event_files(tmp_path):
     (run / "csv" / "metrics.csv").write_text("epoch,step,train/loss,train/acc,val/tau\n0,0,2.0,0.1,\n0,1,1.0,0.3,\n"
                                              "0,2,,,1.7\n")
     row = make_report([str(run)], NO_TAU, tmp_path / "out").rows[0]
-    assert (row["loss_final"], row["acc_best"], row["val_tau_final"], row["steps"]) == (1.5, 0.2, 1.7, 2)  # smoothed: mean(2, 1), mean(0.1, 0.3)
+    # smoothed: mean(2, 1) and mean(0.1, 0.3); steps: one past the last logged train step
+    assert (row["loss_final"], row["acc_best"], row["val_tau_final"], row["steps"]) == (1.5, 0.2, 1.7, 2)
 
 
 def test_recorded_run_writes_how_the_run_ended(tmp_path, monkeypatch):
@@ -258,3 +259,24 @@ def test_a_swept_key_a_run_did_not_set_shows_what_its_config_used(tmp_path):
     (tmp_path / "b" / ".hydra" / "overrides.yaml").write_text("- seed=3\n")
     report = make_report([str(tmp_path / "a"), str(tmp_path / "b")], NO_TAU, tmp_path / "out")
     assert [(row["run"], row["loss"], row["seed"]) for row in report.rows] == [("a", "dpace", "0"), ("b", "decay", "3")]
+
+
+def test_the_callback_reports_after_a_multirun_and_a_single_run_only_when_asked(sweep, tmp_path, capsys):
+    from dflashtrain.report.callback import SweepReport
+
+    settings = {"num_prompts": 2, "max_new_tokens": 8, "eval_path": None, "tau": False, "device": "cpu"}
+    with pytest.raises(SystemExit) as exit_info:  # run 2 failed: the table, then one line and exit 5
+        multirun = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+        SweepReport(**settings, single_run=False).on_multirun_end(multirun)
+    assert exit_info.value.code == 5
+    out, err = capsys.readouterr()
+    assert out.startswith(f"# {sweep}: 3 runs") and (sweep / "report" / "report.csv").is_file()
+    assert err.strip() == ("dflashtrain: error: multirun: 1 of 3 runs did not complete (run 2: failed (exit 3): "
+                           "non-finite loss nan at step 3 | x); their rows are in "
+                           f"{sweep / 'report' / 'report.md'}")
+    single = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(sweep / "0_loss=decay")}}})
+    SweepReport(**settings, single_run=False).on_run_end(single)
+    assert capsys.readouterr().out == "" and not (sweep / "0_loss=decay" / "report").exists()
+    SweepReport(**settings, single_run=True).on_run_end(single)
+    assert capsys.readouterr().out.startswith(f"# {sweep / '0_loss=decay'}: 1 run")
+    assert (sweep / "0_loss=decay" / "report" / "loss.png").is_file()
