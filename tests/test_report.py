@@ -194,22 +194,24 @@ def test_a_sweep_jobs_ddp_children_get_the_jobs_own_command_line():
                                            "loss=dpace", "parallelism=ddp", "hydra.sweep.dir=multirun/x"]
 
 
-def report_cli(*args, cwd):
-    command = [sys.executable, "-c", "from dflashtrain.cli import report; report()", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
+def test_the_report_command_names_what_is_wrong_in_one_line(tmp_path, monkeypatch, capsys):
+    from dflashtrain.cli import report
 
-
-def test_the_report_command_names_what_is_wrong_in_one_line(tmp_path):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("")
+    make_run(tmp_path, "run", [], scalars=curves([1.0], [0.1]))
     cases = [(["nowhere"], "dflashtrain: error: nowhere: no such directory"),
              (["empty"], "dflashtrain: error: empty: holds no run"),
              (["empty", "--num-prompts", "0"], "dflashtrain: error: --num-prompts: must be > 0, got 0"),
-             (["empty", "--eval-path", "none.jsonl"], "dflashtrain: error: --eval-path: no prompt file")]
+             (["empty", "--eval-path", "none.jsonl"], "dflashtrain: error: --eval-path: no prompt file"),
+             (["run", "--no-tau", "-o", "a_file/out"], "dflashtrain: error: a_file/out: cannot write the report")]
     for args, expected in cases:
-        result = report_cli(*args, cwd=tmp_path)
-        assert result.returncode == 2, result.stderr[-2000:]
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+        monkeypatch.setattr(sys, "argv", ["dflashtrain-report", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            report()
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith(expected), lines
 
 
 def test_a_sweep_into_a_folder_that_holds_runs_is_refused_before_any_job(tmp_path):

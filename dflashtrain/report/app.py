@@ -65,7 +65,10 @@ def make_report(paths: Sequence[str], settings: ReportConfig, output_dir: Option
     rows = [summarize(run, name, tau, swept) for run, name, tau in zip(runs, run_names(runs), taus)]
     title = " + ".join(map(str, paths)) if len(paths) <= 3 else f"{len(paths)} directories"
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(str(output_dir), f"cannot write the report there: {error.strerror or error}") from None
     write_csv(rows, ["run", *swept], output_dir / "report.csv")
     files = [output_dir / "report.md", output_dir / "report.csv"]
     files += plot_curves(runs, run_labels(runs, swept, rows), title, output_dir)
