@@ -176,6 +176,9 @@ def test_recorded_run_writes_how_the_run_ended(tmp_path, monkeypatch):
             raise error
         status = read_status(tmp_path / state / str(code))
         assert (status["status"], status["exit_code"]) == (state, code) and status["error"].startswith(message)
+    with pytest.raises(ConfigError), recorded_run(str(tmp_path / "ok")):  # refused: ok/ is another run's folder
+        raise ConfigError("paths.output_dir", "ok/checkpoints already holds checkpoints of another run")
+    assert read_status(tmp_path / "ok") == done
     monkeypatch.setenv("LOCAL_RANK", "1")  # another rank: rank 0 records the run
     with recorded_run(str(tmp_path / "rank1")):
         pass

@@ -91,25 +91,31 @@ def ending(error: BaseException) -> Dict[str, Any]:
 def recorded_run(output_dir: str) -> Iterator[None]:
     """Record the run in ``<output_dir>/status.json``: running now; completed, failed or interrupted at the end.
 
-    Errors propagate unchanged. In a Hydra multirun job it also makes Lightning's DDP children run this job, in this
-    job's folder (:func:`ddp_children_run_this_job`).
+    A run refused because its output folder is another run's (a ``paths.output_dir`` error) leaves that run's record
+    as it was. Errors propagate unchanged. In a Hydra multirun job it also makes Lightning's DDP children run this
+    job, in this job's folder (:func:`ddp_children_run_this_job`).
     """
     record = is_global_rank_zero()
+    previous = read_status(Path(output_dir)) if record else None  # another run's record there, if any
     started = time.time()
     status: Dict[str, Any] = {"status": "running", "exit_code": None, "error": None, "started": _iso(started),
                               "ended": None, "wall_s": None, "pid": os.getpid(), "host": socket.gethostname()}
     if record:
         write_status(Path(output_dir), status)
     outcome: Dict[str, Any] = {"status": "completed", "exit_code": 0, "error": None}
+    refused = False
     try:
         with ddp_children_run_this_job():
             yield
     except BaseException as error:
         outcome = ending(error)
+        refused = getattr(error, "key", None) == "paths.output_dir"  # the folder is another run's
         raise
     finally:
-        if record:
-            ended = time.time()
+        ended = time.time()
+        if record and refused and previous is not None:
+            write_status(Path(output_dir), previous)
+        elif record:
             write_status(Path(output_dir), {**status, **outcome, "ended": _iso(ended), "wall_s": ended - started})
 
 
