@@ -164,14 +164,21 @@ def test_csv_logs_are_read_when_there_are_no_event_files(tmp_path):
 
 
 def test_recorded_run_writes_how_the_run_ended(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError), recorded_run(str(tmp_path / "new")):  # a bad config: its folder is never made
+        raise ConfigError("loss.alpha", "must be in (0, 1], got 2.0")
+    assert not (tmp_path / "new").exists()
     with recorded_run(str(tmp_path / "ok")):
-        assert read_status(tmp_path / "ok")["status"] == "running"
+        (tmp_path / "ok").mkdir()  # made by the run once its checks pass: the end is recorded
     done = read_status(tmp_path / "ok")
     assert (done["status"], done["exit_code"]) == ("completed", 0) and done["wall_s"] >= 0
+    with recorded_run(str(tmp_path / "ok")):  # a folder that exists (as Hydra makes a job's) records the start too
+        assert read_status(tmp_path / "ok")["status"] == "running"
+    done = read_status(tmp_path / "ok")
     cases = [(ConfigError("loss.alpha", "must be in (0, 1], got 2.0"), "failed", 2, "loss.alpha: must be in (0, 1]"),
              (KeyboardInterrupt(), "interrupted", 130, "interrupted"),
              (ZeroDivisionError("a bug"), "failed", 1, "ZeroDivisionError: a bug")]
     for error, state, code, message in cases:
+        (tmp_path / state / str(code)).mkdir(parents=True)
         with pytest.raises(type(error)), recorded_run(str(tmp_path / state / str(code))):
             raise error
         status = read_status(tmp_path / state / str(code))
@@ -180,6 +187,7 @@ def test_recorded_run_writes_how_the_run_ended(tmp_path, monkeypatch):
         raise ConfigError("paths.output_dir", "ok/checkpoints already holds checkpoints of another run")
     assert read_status(tmp_path / "ok") == done
     monkeypatch.setenv("LOCAL_RANK", "1")  # another rank: rank 0 records the run
+    (tmp_path / "rank1").mkdir()
     with recorded_run(str(tmp_path / "rank1")):
         pass
     assert not (tmp_path / "rank1" / "status.json").exists()

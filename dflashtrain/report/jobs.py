@@ -1,6 +1,7 @@
 """A training run's own record of how it ended (``<run dir>/status.json``), and where its DDP ranks run in a sweep.
 
-``status.json``, written by global rank 0 when the run starts and again when it ends::
+``status.json``, written by global rank 0 when the run starts (if its folder exists: Hydra makes a job's folder, a
+``paths.output_dir`` elsewhere is made by the run once its checks pass) and again when it ends::
 
     {"status": "running" | "completed" | "failed" | "interrupted", "exit_code": 0 | 1 | 2 | 3 | ... | null,
      "error": "<one line>" | null, "started": "<ISO time>", "ended": "<ISO time>" | null, "wall_s": float | null,
@@ -57,11 +58,12 @@ def read_status(run_dir: Path) -> Optional[Dict[str, Any]]:
 
 
 def write_status(run_dir: Path, status: Dict[str, Any]) -> None:
-    """Atomically (a reader never sees half a file); a directory that cannot be written is left to the run's own
-    output check, which names it."""
+    """Atomically (a reader never sees half a file), into an existing run directory only: a run never creates its
+    output folder before its checks pass, and one that cannot be written is left to the run's output check."""
     path = Path(run_dir) / STATUS_FILE
+    if not path.parent.is_dir():
+        return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{STATUS_FILE}.{os.getpid()}")
         partial.write_text(json.dumps(status, indent=2) + "\n")
         partial.replace(path)
