@@ -2,14 +2,17 @@
 
 An error the user must fix prints one line, ``dflashtrain: error: <key>: <what is allowed>``, without a traceback:
 exit status 2 for a bad configuration (compose errors included) or a bad data row, 3 for a run stopped on a
-non-finite loss, 4 for an export whose load-back check failed. Anything else is a bug and keeps its traceback (as
-does everything with ``HYDRA_FULL_ERROR=1``).
+non-finite loss, 4 for an export whose load-back check failed, 5 for a multirun in which some run did not complete
+(its report has the run's row). Anything else is a bug and keeps its traceback (as does everything with
+``HYDRA_FULL_ERROR=1``). In a multirun a failed run does not end the sweep: its error is printed (or logged with its
+traceback), its status.json records it, and the next job starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import sys
 from typing import Callable, Iterator, Optional
@@ -27,11 +30,12 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from dflashtrain.config.checks import validate  # noqa: E402
 from dflashtrain.config.schema import ConfigError, register_configs  # noqa: E402
 from dflashtrain.data.chat import BadRowError  # noqa: E402  (light: importing it loads no torch)
+from dflashtrain.report.jobs import in_multirun, recorded_run  # noqa: E402  (light too)
 
 register_configs()
 
 CONFIG_PATH = "pkg://dflashtrain.conf"
-CONFIG_EXIT, DIVERGED_EXIT, EXPORT_CHECK_EXIT = 2, 3, 4
+CONFIG_EXIT, DIVERGED_EXIT, EXPORT_CHECK_EXIT, SWEEP_FAILED_EXIT = 2, 3, 4, 5
 
 
 def exit_code(error: BaseException) -> Optional[int]:
@@ -75,12 +79,22 @@ def one_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def reported_errors() -> Iterator[None]:
-    """A user error raised in the block prints one line and exits 2 (3: diverged); anything else propagates."""
+def reported_errors(sweep_goes_on: bool = False) -> Iterator[None]:
+    """A user error raised in the block prints one line and exits 2 (3: diverged); anything else propagates.
+
+    With ``sweep_goes_on`` (a multirun job) nothing leaves the block: the line is printed, or a bug's traceback
+    logged, and the sweep goes on to its next job.
+    """
     try:
         yield
     except Exception as error:  # noqa: BLE001 - re-raised unless it is the user's to fix
         reported = user_error(error)
+        if sweep_goes_on:
+            if reported is None:
+                logging.getLogger("dflashtrain").exception("this run failed; the sweep goes on")
+            else:
+                print(f"dflashtrain: error: {one_line(reported)} (this run failed; the sweep goes on)", file=sys.stderr)
+            return
         if reported is None:
             raise
         print(f"dflashtrain: error: {one_line(reported)}", file=sys.stderr)
@@ -107,7 +121,8 @@ def console_entry(app: Callable[[], None]) -> Callable[[], None]:
 @hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="train")
 def _train(cfg: DictConfig) -> None:
     """`dflashtrain [overrides]`: train a drafter."""
-    with reported_errors():  # inside the app: Hydra would add its own line to an error that leaves it
+    # Inside the app: Hydra would add its own line to an error that leaves it. status.json records how the run ends.
+    with reported_errors(sweep_goes_on=in_multirun()), recorded_run(cfg.paths.output_dir):
         validate(cfg)  # a bad value fails here, before Lightning is even imported
         from dflashtrain.train.recipe import fit
 
@@ -140,3 +155,11 @@ def _export(cfg: DictConfig) -> None:
 
 evaluate = console_entry(_evaluate)
 export = console_entry(_export)
+
+
+def report() -> None:
+    """`dflashtrain-report DIR...`: compare runs: table (Markdown, CSV), plots, real τ (docs/report.md)."""
+    with reported_errors():
+        from dflashtrain.report.app import main
+
+        main(sys.argv[1:])

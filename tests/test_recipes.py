@@ -1,5 +1,5 @@
-"""Every shipped recipe passes the validation a run does, against the target it names (a Qwen3-8B config.json built
-here, no weights), and builds the drafter it promises: at full size, on the meta device."""
+"""Every shipped Qwen3-8B recipe passes the validation a run does, against the target it names (a Qwen3-8B
+config.json built here, no weights), and builds the drafter it promises: at full size, on the meta device."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dflashtrain.models.target import drafter_geometry, load_target_config, reso
 from dflashtrain.objectives import build_objective
 
 register_configs()
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*_qwen3_8b.yaml"))  # tiny_ablation: test_report
 QWEN3_8B = {  # the published Qwen3-8B config.json, the fields the trainer reads
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288,
     "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,

@@ -342,7 +342,7 @@ class TrainConfig:
     eval: TauEvalConfig = field(default_factory=TauEvalConfig)
 
 
-# ---------------------------------------------------------------------------------------------- eval, export
+# ---------------------------------------------------------------------------------------------- eval, export, report
 @dataclass
 class EvalTargetConfig:
     path: Optional[str] = None  # null: the target the checkpoint was trained with
@@ -390,12 +390,27 @@ class ExportConfig:
     overwrite: bool = False
 
 
+@dataclass
+class ReportConfig:
+    """`dflashtrain-report` and the report at the end of every multirun (`hydra.callbacks.report`, conf/train.yaml):
+    the comparison table, CSV and plots of a sweep's runs, with real τ of each run's last checkpoint."""
+
+    _target_: str = "dflashtrain.report.callback.SweepReport"  # the Hydra callback this node configures
+    num_prompts: int = 16  # real τ: held-out prompts decoded per run (the first ones of the file)
+    max_new_tokens: int = 64  # real τ: token budget per prompt
+    eval_path: Optional[str] = None  # real τ: chat JSONL of held-out prompts; null: each run's data.eval_path
+    tau: bool = True  # false: no decoding (the table keeps val/tau and the training metrics)
+    device: str = "auto"  # real τ: auto = cuda if available, else cpu
+    single_run: bool = False  # the callback also reports after a single run (not only after a multirun)
+
+
 def register_configs() -> None:
     """Register schemas and the `asset` and `default_gamma` resolvers. Idempotent."""
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="eval", node=EvalConfig)
     cs.store(group="schema", name="export", node=ExportConfig)
+    cs.store(group="schema", name="report", node=ReportConfig)
     for name, schema in LOSS_SCHEMAS.items():
         cs.store(group="schema/loss", name=name, node=schema)
     if not OmegaConf.has_resolver("asset"):

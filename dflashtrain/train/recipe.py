@@ -31,6 +31,7 @@ from dflashtrain.models.target import (
     resolve_mask_token_id,
 )
 from dflashtrain.objectives import build_objective
+from dflashtrain.report.jobs import recorded_run
 from dflashtrain.train.guards import NonFiniteGuard, check_checkpoint_dir, check_resume_matches
 from dflashtrain.train.module import DraftModule, warmup_cosine
 from dflashtrain.train.parallelism import build_strategy, model_sharding
@@ -76,8 +77,9 @@ def build_tau_eval(cfg: DictConfig, tokenizer) -> List[L.Callback]:
 
 def run(cfg: DictConfig) -> Dict[str, float]:
     """Check the config, then train a drafter as it says; returns the last logged metrics."""
-    validate(cfg)
-    return fit(cfg)
+    with recorded_run(cfg.paths.output_dir):  # <output_dir>/status.json: how the run ended, for the report
+        validate(cfg)
+        return fit(cfg)
 
 
 def fit(cfg: DictConfig) -> Dict[str, float]:
