@@ -149,9 +149,10 @@ def tokenize_rows(rows: List[Dict[str, str]], tokenizer, fmt: ChatFormat, max_le
 
     if not rows:
         return Dataset.from_dict({"row": [], "input_ids": [], "loss_mask": []})
+    workers = auto_num_proc(num_proc, len(rows))
     encoded = Dataset.from_list(rows).map(
         lambda example: encode(example["chat"], tokenizer, fmt, max_length, min_supervised),
-        remove_columns=["chat"], desc="tokenizing", num_proc=auto_num_proc(num_proc, len(rows)),
+        remove_columns=["chat"], desc="tokenizing", num_proc=workers if workers > 1 else None,  # 1: in this process
         new_fingerprint=uuid.uuid4().hex,  # no hashing of the tokenizer: this result is cached by our own key
     )
     keep = []
@@ -254,7 +255,8 @@ def _save(dataset, summary: DataSummary, final: Path) -> None:
     disable_progress_bar()
     try:
         dataset.save_to_disk(str(partial / "rows"))
-        stored = {k: v for k, v in asdict(summary).items() if k not in ("path", "max_length", "cache")}
+        stored = {"rows": summary.rows, "kept": summary.kept, "truncated": summary.truncated,
+                  "dropped": dict(summary.dropped), "first_row": summary.first_row, "problems": summary.problems}
         (partial / "summary.json").write_text(json.dumps(stored))
         shutil.rmtree(final, ignore_errors=True)  # only ever a leftover without summary.json (we hold the lock)
         os.replace(partial, final)
