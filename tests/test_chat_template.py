@@ -127,7 +127,8 @@ def test_a_turn_that_cannot_be_located_is_a_template_error(tokenizer):
 
 
 def test_template_kwargs_reach_the_template_through_the_config(tmp_path):
-    data = OmegaConf.create({"format": "auto", "chat_template": None, "chat_template_kwargs": {"enable_thinking": False},
-                             "system_prompt_policy": "keep", "system_prompt": None})
+    data = OmegaConf.create({"format": "auto", "chat_template": None,
+                             "chat_template_kwargs": {"enable_thinking": False}, "system_prompt_policy": "keep",
+                             "system_prompt": None})
     assert ChatFormat.from_config(data).template_kwargs == {"enable_thinking": False}
     assert json.loads(Chat([{"role": "user", "content": "x"}]).to_json())["messages"][0]["content"] == "x"

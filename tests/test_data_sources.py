@@ -178,3 +178,59 @@ def test_sharegpt_roles_and_system_field():
         {"from": "chatgpt", "value": "d"}]}, "sharegpt")
     assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "tool", "assistant"]
     assert chat.messages[0]["content"] == "Be brief ."
+
+
+def test_a_dataset_dict_without_train_is_named(tmp_path):
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(BadRowError, match=r"^saved: a DatasetDict without a 'train' split \(splits: test\)"):
+        read_chats(sources.resolve(str(tmp_path / "saved")), ChatFormat(), "error", DataSummary("saved", 128))
+
+
+def test_the_readme_data_examples_compose():
+    """The README's data commands are valid overrides of the train and regen configs."""
+    from hydra import compose, initialize_config_module
+
+    from dflashtrain.config.schema import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="dflashtrain.conf", version_base=None):
+        cfg = compose("train", overrides=[
+            "data=chat_jsonl", "data.path=[/data/ultrachat/*.parquet,/data/sharegpt.json]",
+            "+data.chat_template_kwargs.enable_thinking=false", "data.chat_template=qwen3_thinking.jinja",
+            "data.system_prompt_policy=default", "data.system_prompt=You are a helpful assistant."])
+        assert list(cfg.data.path) == ["/data/ultrachat/*.parquet", "/data/sharegpt.json"]
+        assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
+        assert cfg.data.system_prompt == "You are a helpful assistant."
+        regen = compose("regen", overrides=[
+            "model.target.path=/models/Qwen3-8B", "model.target.dtype=bfloat16", "data=chat_jsonl",
+            "data.path=data/ultrachat/data/train_sft-*.parquet", "output_dir=data/ultrachat-qwen3",
+            "temperature=0.6", "top_p=0.95", "top_k=20", "thinking=true", "max_new_tokens=2048", "batch_size=64"])
+        assert regen.thinking is True and regen.top_k == 20
+        cached = compose("train", overrides=["model=qwen3_8b", "model.target.path=/models/Qwen3-8B", "data=cached",
+                                             "data.path=data/ultrachat-qwen3-features"])
+        assert cached.data.kind.value == "features" and cached.data.eval_path is None
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["data.path=nowhere/*.jsonl"], "data.path", "no file matches"),
+    (["data.chat_template=missing.jinja"], "data.chat_template", "file not found"),
+    (["+data.chat_template_kwargs.add_generation_prompt=true"], "data.chat_template_kwargs.add_generation_prompt",
+     "dflashtrain sets itself"),
+    (["data.system_prompt_policy=replace"], "data.system_prompt", "is required by"),
+    (["data.system_prompt=Hi"], "data.system_prompt", "ignores it"),
+    (["data.num_proc=0"], "data.num_proc", ">= 1"),
+    (["data.kind=features"], "data.path", "needs the directory dflashtrain-cache wrote"),
+])
+def test_data_settings_are_checked_before_anything_loads(tmp_path, overrides, key, message):
+    from hydra import compose, initialize_config_module
+
+    from dflashtrain.config.checks import validate_data
+    from dflashtrain.config.schema import ConfigError, register_configs
+
+    register_configs()
+    write_jsonl(tmp_path / "rows.jsonl", ROWS[:1])
+    with initialize_config_module(config_module="dflashtrain.conf", version_base=None):
+        cfg = compose("train", overrides=[f"data.path={tmp_path / 'rows.jsonl'}", *overrides])
+    with pytest.raises(ConfigError, match=message) as info:
+        validate_data(cfg.data, 8)
+    assert info.value.key == key

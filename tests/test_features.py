@@ -180,3 +180,38 @@ def test_the_cache_app_never_writes_over_a_directory(tmp_path, data):
     (tmp_path / "other.incomplete").mkdir()
     with pytest.raises(ConfigError, match="is not an interrupted dflashtrain-cache run"):
         cache_app.run(compose_cache(f"data.path={data}", f"cache.output_dir={tmp_path / 'other'}"))
+
+
+def test_the_estimate_of_a_qwen3_8b_cache():
+    """README: Qwen3-8B (d = 4096), 5 taps, bfloat16: 40 KiB per token, 48 KiB with the final hidden state."""
+    taps = {"tapped": 5 * 4096}
+    assert cache_app.estimate(1000, 0, taps, 2) == 1000 * (40 * 1024 + 5)
+    assert cache_app.estimate(1000, 0, {**taps, "final_hidden": 4096}, 2) == 1000 * (48 * 1024 + 5)
+
+
+def test_no_room_for_the_estimate_refuses_to_start(tmp_path, data, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(ConfigError, match=r"^cache.output_dir: the cache needs about .* has 1000 B free"):
+        cache_app.run(compose_cache(f"data.path={data}", f"cache.output_dir={tmp_path / 'features'}"))
+    assert not (tmp_path / "features").exists() and not (tmp_path / "features.incomplete").exists()
+
+
+def test_a_bfloat16_cache_round_trips(tmp_path_factory, data):
+    cfg, manifest, out = write(tmp_path_factory, data, "bf16", "model.target.dtype=bfloat16")
+    assert manifest["feature_dtypes"] == {"tapped": "bfloat16"} and manifest["target_dtype"] == "bfloat16"
+    assert abs(manifest["bytes"] / manifest["bytes_estimate"] - 1) < 0.05
+    tokenizer = load_tokenizer(cfg.model.target.path)
+    datamodule = ChatDataModule(tokenizer, str(out), 128, 16, 4, 0, False, "error", 16, 0,
+                                features=read_manifest(str(out)))
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    target = FrozenTarget.load(cfg.model.target.path, "bfloat16", manifest["layer_ids"])
+    row = torch.tensor([datamodule.train_set[0]["input_ids"]])
+    online = target.states(row, torch.ones_like(row)).tapped[0]
+    assert batch["tapped"].dtype == torch.bfloat16
+    torch.testing.assert_close(batch["tapped"][0, :row.shape[1]], online, rtol=2e-2, atol=2e-2)
+    assert not batch["tapped"][0, row.shape[1]:].any()  # padding: zero states

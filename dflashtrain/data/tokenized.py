@@ -131,7 +131,8 @@ def encode(chat_json: str, tokenizer, fmt: ChatFormat, max_length: int, min_supe
             f"{len(full['input_ids'])} tokens; cut to data.max_length={max_length}, {supervised} supervised tokens "
             f"remain, fewer than 2·B = {min_supervised}"))
     else:
-        out.update(problem=TOO_FEW_SUPERVISED, detail=f"{supervised} supervised tokens, fewer than 2·B = {min_supervised}")
+        out.update(problem=TOO_FEW_SUPERVISED,
+                   detail=f"{supervised} supervised tokens, fewer than 2·B = {min_supervised}")
     return out
 
 
