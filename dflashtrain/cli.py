@@ -69,6 +69,8 @@ def one_line(error: BaseException) -> str:
         if message.startswith("Key ") and dataclasses.is_dataclass(schema):
             fields = ", ".join(f.name for f in dataclasses.fields(schema) if not f.name.startswith("_"))
             message = f"unknown key; valid: {fields}"
+        elif message.startswith("Key ") and schema is dict:  # a free-form mapping, e.g. data.chat_template_kwargs
+            message = f"a new key of a mapping: add it with a leading +, as +{cause.full_key}=<value>"
         return f"{cause.full_key}: {message}"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines)
@@ -144,7 +146,12 @@ def _regen(cfg: DictConfig) -> None:
     with reported_errors():
         from dflashtrain.inference.regen import run
 
-        run(cfg)
+        try:
+            run(cfg)
+        except KeyboardInterrupt:
+            print(f"dflashtrain: interrupted: the shards written are kept; rerun the same command to resume "
+                  f"({cfg.output_dir})", file=sys.stderr)
+            sys.exit(130)
 
 
 @hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="cache")

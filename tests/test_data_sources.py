@@ -234,3 +234,13 @@ def test_data_settings_are_checked_before_anything_loads(tmp_path, overrides, ke
     with pytest.raises(ConfigError, match=message) as info:
         validate_data(cfg.data, 8)
     assert info.value.key == key
+
+
+def test_a_tokenizer_without_a_chat_template_is_one_line(tmp_path):
+    from dflashtrain.config.schema import ConfigError
+
+    base = load_tokenizer(str(TINY_TARGET_DIR))
+    base.chat_template = None
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS[:1])
+    with pytest.raises(ConfigError, match="^data.chat_template: the tokenizer has no chat template"):
+        tokenized(base, str(path))

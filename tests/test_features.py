@@ -215,3 +215,14 @@ def test_a_bfloat16_cache_round_trips(tmp_path_factory, data):
     assert batch["tapped"].dtype == torch.bfloat16
     torch.testing.assert_close(batch["tapped"][0, :row.shape[1]], online, rtol=2e-2, atol=2e-2)
     assert not batch["tapped"][0, row.shape[1]:].any()  # padding: zero states
+
+
+def test_a_cache_with_a_missing_shard_is_refused(decay_cache, tmp_path):
+    import shutil
+
+    _, _, out = decay_cache
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    (damaged / "shard-00001.arrow").unlink()
+    with pytest.raises(ConfigError, match="^data.path: the feature cache .* lacks shard shard-00001.arrow"):
+        read_manifest(str(damaged))

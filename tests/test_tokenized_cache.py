@@ -126,3 +126,13 @@ def test_an_unwritable_cache_only_costs_the_cache(tokenizer, tmp_path):
     blocked.write_text("a file where the cache directory should be")
     rows, summary = load(data, tokenizer, blocked)
     assert len(rows) == 4 and summary.cache == "not cached"
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tokenizer, tmp_path):
+    data = write_count_up_chats(tmp_path / "train.jsonl", 4)
+    load(data, tokenizer, tmp_path / "cache")
+    (entry,) = entries(tmp_path / "cache")
+    for arrow in (tmp_path / "cache" / "tokenized" / entry / "rows").glob("*.arrow"):
+        arrow.write_bytes(b"damaged")
+    rows, summary = load(data, tokenizer, tmp_path / "cache")
+    assert len(rows) == 4 and summary.cache.startswith("tokenized, cached in")

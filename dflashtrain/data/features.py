@@ -56,6 +56,10 @@ def read_manifest(directory: str) -> Dict[str, Any]:
                                        f"{MANIFEST}: {getattr(error, 'strerror', None) or error})") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ConfigError("data.path", f"{path} is not a dflashtrain-cache manifest (format {FORMAT} v{VERSION})")
+    missing = [name for name in manifest.get("shards", []) if not Path(directory, name).is_file()]
+    if missing or not manifest.get("shards"):
+        raise ConfigError("data.path", f"the feature cache {directory} lacks shard {missing[0] if missing else 'files'}"
+                                       "; write it again with dflashtrain-cache")
     manifest["directory"] = str(directory)
     return manifest
 

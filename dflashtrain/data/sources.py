@@ -83,9 +83,14 @@ def _expand(entry: str) -> List[Tuple[str, str]]:
 
 def resolve(spec: Union[str, Sequence[str], None]) -> List[DataFile]:
     """data.path -> its data files, in order, each once. Raises SourceError."""
-    entries = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec or [])
+    entries = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec) if isinstance(spec, (list, tuple)) else (
+        [] if spec is None else [None])
     if not entries:
         raise SourceError(f"is required: {SUPPORTED}")
+    wrong = [entry for entry in entries if not isinstance(entry, (str, os.PathLike))]
+    if wrong:
+        raise SourceError(f"must be a path, a glob or a list of them; got {wrong[0]!r}" if wrong[0] is not None
+                          else f"must be a path, a glob or a list of them; got {spec!r}")
     found: dict = {}
     for entry in entries:
         for path, kind in _expand(entry):
@@ -118,7 +123,7 @@ def parse_json_line(raw: bytes) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        return RowProblem("invalid JSON", f"{error.msg} at column {error.colno}")
+        return RowProblem("invalid JSON", f"{error.msg} (column {error.colno})")
     except RecursionError:
         return RowProblem("invalid JSON", "nested too deeply to parse")
 

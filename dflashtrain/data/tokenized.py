@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from dflashtrain.config.schema import ConfigError
 from dflashtrain.data import sources
 from dflashtrain.data.chat import ChatFormat, tokenize_chat
 from dflashtrain.data.formats import Chat, apply_system_policy, detect_format, to_chat
@@ -219,6 +220,11 @@ def load_or_tokenize(files: Sequence[sources.DataFile], tokenizer, fmt: ChatForm
     from datasets import load_from_disk
     from filelock import FileLock
 
+    try:
+        tokenizer.get_chat_template(fmt.template)
+    except ValueError as error:  # a base model's tokenizer: no template at all
+        raise ConfigError("data.chat_template", f"the tokenizer has no chat template ({error}); give one as a Jinja "
+                                                "file") from None
     root = resolve_cache_dir(cache_dir)
     if root is None:
         summary.cache = "not cached (data.cache_dir=null)"
@@ -231,8 +237,11 @@ def load_or_tokenize(files: Sequence[sources.DataFile], tokenizer, fmt: ChatForm
         return _build(files, tokenizer, fmt, max_length, min_supervised, policy, summary, num_proc), summary
     final = root / cache_key(files, tokenizer, fmt, max_length, min_supervised)
     with FileLock(str(final) + ".lock"):  # one process tokenizes; the others wait, then load what it wrote
-        if not (final / "summary.json").is_file():
+        cached = _load(final)
+        if cached is None:
             dataset = _build(files, tokenizer, fmt, max_length, min_supervised, policy, summary, num_proc)
+            if len(dataset) == 0:  # nothing to cache (the caller reports it)
+                return dataset, summary
             try:
                 _save(dataset, summary, final)
             except OSError as error:  # a full or read-only disk costs the next run a re-tokenization, nothing more
@@ -241,10 +250,25 @@ def load_or_tokenize(files: Sequence[sources.DataFile], tokenizer, fmt: ChatForm
                 return dataset, summary
             summary.cache = f"tokenized, cached in {final}"
             return load_from_disk(str(final / "rows")), summary
-    stored = json.loads((final / "summary.json").read_text())
+    stored, dataset = cached
     _replay({k: v for k, v in stored.items() if k not in ("path", "max_length")}, policy, summary)
     summary.cache = f"loaded from the tokenized cache {final}"
-    return load_from_disk(str(final / "rows")), summary
+    return dataset, summary
+
+
+def _load(final: Path):
+    """(stored summary, rows) of a cache entry, or None; a damaged entry is removed (and rebuilt by the caller)."""
+    from datasets import load_from_disk
+
+    if not (final / "summary.json").is_file():
+        return None
+    try:
+        return json.loads((final / "summary.json").read_text()), load_from_disk(str(final / "rows"))
+    except Exception as error:  # noqa: BLE001 - whatever broke the entry, tokenizing again repairs it
+        log.warning("data.cache_dir: the tokenized cache %s is damaged (%s: %s); tokenizing again", final,
+                    type(error).__name__, error)
+        shutil.rmtree(final, ignore_errors=True)
+        return None
 
 
 def _save(dataset, summary: DataSummary, final: Path) -> None:
