@@ -67,6 +67,10 @@ def read_manifest(directory: str) -> Dict[str, Any]:
 def check_manifest(manifest: Dict[str, Any], expected: Dict[str, Any]) -> None:
     """Each expected entry (manifest key -> (config key, value)) must match: one line naming the first mismatch."""
     for key, (config_key, value) in expected.items():
+        if key == "final_hidden" and not manifest.get(key):
+            raise ConfigError(config_key, f"the objective reads the target's distribution (its final hidden state), "
+                                          f"which the feature cache {manifest['directory']} does not hold; write one "
+                                          "with this loss (or cache.final_hidden=true)")
         if manifest.get(key) != value:
             raise ConfigError(config_key, f"is {value!r} but the feature cache {manifest['directory']} was written "
                                           f"with {key}={manifest.get(key)!r}; run dflashtrain-cache again for this "

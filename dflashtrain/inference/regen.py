@@ -209,6 +209,23 @@ def load_generator(cfg: DictConfig, fmt: ChatFormat) -> Regenerator:
     return Regenerator(model, tokenizer, fmt, generation, stops, cfg.data.max_length)
 
 
+def regenerate_shard(regenerator: Regenerator, part: List[Dict[str, str]], batch_size: int, bar) -> tuple:
+    """A shard's rows -> (its output lines, its counts)."""
+    lines, totals = [], {"rows": len(part), "written": 0, "turns": 0, "truncated_turns": 0, "cut_at_max_length": 0}
+    for start in range(0, len(part), batch_size):
+        batch = part[start:start + batch_size]
+        results, stats = regenerator.regenerate([Chat.from_json(row["chat"]) for row in batch])
+        for row, chat in zip(batch, results):
+            if chat is not None:
+                lines.append(json.dumps({"messages": chat.messages, **({"tools": chat.tools} if chat.tools else {}),
+                                         "source": row["row"]}, ensure_ascii=False))
+        for key, value in stats.items():
+            totals[key] += value
+        bar.update(len(batch))
+    totals["written"] = len(lines)
+    return lines, totals
+
+
 def run(cfg: DictConfig) -> Dict[str, Any]:
     """Check, read the rows, resume or start, regenerate shard by shard; returns the manifest."""
     validate_regen(cfg)
@@ -235,26 +252,16 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     regenerator = load_generator(cfg, fmt)
     bar = tqdm(total=len(rows), initial=len(rows) - sum(len(part) for _, _, part in todo), desc="regenerating",
                unit="rows")
-    for index, name, part in todo:
-        torch.manual_seed(stream_seed(cfg.seed, index))
-        lines, totals = [], {"rows": len(part), "written": 0, "turns": 0, "truncated_turns": 0, "cut_at_max_length": 0}
-        for start in range(0, len(part), cfg.batch_size):
-            batch = part[start:start + cfg.batch_size]
-            results, stats = regenerator.regenerate([Chat.from_json(row["chat"]) for row in batch])
-            for row, chat in zip(batch, results):
-                if chat is not None:
-                    lines.append(json.dumps({"messages": chat.messages, **({"tools": chat.tools} if chat.tools else {}),
-                                             "source": row["row"]}, ensure_ascii=False))
-            for key, value in stats.items():
-                totals[key] += value
-            bar.update(len(batch))
-        totals["written"] = len(lines)
-        partial = out / f"{name}.partial"
-        partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(partial, out / name)
-        manifest["shards"][name] = totals
-        _write_json(out / MANIFEST, manifest)
-    bar.close()
+    try:
+        for index, name, part in todo:
+            torch.manual_seed(stream_seed(cfg.seed, index))
+            lines, manifest["shards"][name] = regenerate_shard(regenerator, part, cfg.batch_size, bar)
+            partial = out / f"{name}.partial"
+            partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            os.replace(partial, out / name)
+            _write_json(out / MANIFEST, manifest)
+    finally:
+        bar.close()
     manifest["complete"] = len(manifest["shards"]) == len(shards)
     _write_json(out / MANIFEST, manifest)
     counts = {key: sum(s[key] for s in manifest["shards"].values()) for key in next(iter(manifest["shards"].values()))}
