@@ -83,14 +83,12 @@ def _expand(entry: str) -> List[Tuple[str, str]]:
 
 def resolve(spec: Union[str, Sequence[str], None]) -> List[DataFile]:
     """data.path -> its data files, in order, each once. Raises SourceError."""
-    entries = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec) if isinstance(spec, (list, tuple)) else (
-        [] if spec is None else [None])
-    if not entries:
+    if spec is None or (isinstance(spec, (list, tuple)) and not spec):
         raise SourceError(f"is required: {SUPPORTED}")
+    entries = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     wrong = [entry for entry in entries if not isinstance(entry, (str, os.PathLike))]
     if wrong:
-        raise SourceError(f"must be a path, a glob or a list of them; got {wrong[0]!r}" if wrong[0] is not None
-                          else f"must be a path, a glob or a list of them; got {spec!r}")
+        raise SourceError(f"must be a path, a glob or a list of them; got {wrong[0]!r}")
     found: dict = {}
     for entry in entries:
         for path, kind in _expand(entry):
