@@ -13,6 +13,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config):
+    """The tokenized-data cache of every run in the suite (CLI subprocesses included) goes to a temporary folder."""
+    import tempfile
+
+    config._dflashtrain_cache = os.environ["DFLASHTRAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="dflashtrain-cache-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_dflashtrain_cache", ""), ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def random_target_dir(tmp_path_factory):
     """A random 4-layer Qwen3 with the embedded tiny tokenizer, saved like a Hub checkout."""

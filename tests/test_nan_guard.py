@@ -49,7 +49,7 @@ class Recorder:
         def training_step(module, batch, batch_idx):
             step = module.global_step
             self.weights[step] = {k: v.detach().clone() for k, v in module.drafter.state_dict().items()}
-            self.sample_ids[step] = batch["sample_ids"].tolist()
+            self.sample_ids[step] = list(batch["sample_ids"])
             loss = original(module, batch, batch_idx)
             if step == BAD_STEP and breaks == "loss":
                 return loss * float("nan")
@@ -118,10 +118,10 @@ def test_cli_diverging_run_exits_3_with_one_line(data, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    found = re.match(r"dflashtrain: error: non-finite loss (nan|inf|-inf) at step (\d+), sample ids \[[\d, ]+\] "
-                     r"\(JSONL line numbers\); .* are in (\S+)$", last)
+    found = re.match(r"dflashtrain: error: non-finite loss (nan|inf|-inf) at step (\d+), sample ids "
+                     r"\[('train\.jsonl:\d+'(, )?)+\] \(file:N\); .* are in (\S+)$", last)
     assert found, last
-    step, saved = int(found.group(2)), Path(found.group(3))
+    step, saved = int(found.group(2)), Path(found.group(5))
     assert saved == out / "checkpoints" / f"last-good-step{step:07d}.ckpt"
     checkpoint, weights = drafter_state(saved)
     assert checkpoint["global_step"] == step and all(torch.isfinite(v).all() for v in weights.values())

@@ -14,7 +14,14 @@ from typing import Any, List
 
 from omegaconf import DictConfig, OmegaConf
 
-from dflashtrain.config.schema import LOSS_SCHEMAS, ConfigError, Strategy, TrainConfig
+from dflashtrain.config.schema import (
+    LOSS_SCHEMAS,
+    ConfigError,
+    DataKind,
+    Strategy,
+    SystemPromptPolicy,
+    TrainConfig,
+)
 from dflashtrain.families import family_checks
 
 
@@ -166,17 +173,7 @@ def validate(cfg: DictConfig) -> None:
     if not Path(target_path, "config.json").is_file():
         raise ConfigError("model.target.path", f"no Hugging Face model directory (config.json) at {target_path!r}")
 
-    data = cfg.data
-    _positive("data.num_anchors", data.num_anchors)
-    _positive("data.batch_size", data.batch_size)
-    _positive("data.num_workers", data.num_workers, strict=False)
-    _positive("data.pad_to_multiple_of", data.pad_to_multiple_of)
-    if data.max_length < 2 * drafter.block_size:
-        raise ConfigError("data.max_length", f"must be >= 2 * model.drafter.block_size = {2 * drafter.block_size}")
-    if data.path is None:
-        raise ConfigError("data.path", "is required: a chat JSONL file with a `messages` list per row")
-    if not os.path.isfile(data.path):
-        raise ConfigError("data.path", f"file not found: {data.path}")
+    validate_data(cfg.data, drafter.block_size)
 
     _positive("optim.lr", cfg.optim.lr)
     _positive("optim.weight_decay", cfg.optim.weight_decay, strict=False)
@@ -200,6 +197,51 @@ def validate(cfg: DictConfig) -> None:
     OmegaConf.to_object(cfg.loss).validate()
     name = loss_name(cfg)
     family_checks(objective_family(cfg)).check(cfg, name)
+
+
+# apply_chat_template's own arguments: a template variable of one of these names would collide with them
+RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                            "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                            "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+
+
+def validate_data(data: DictConfig, block_size: int) -> None:
+    """The data group: values, files, and the formatting options (docs/data.md)."""
+    from dflashtrain.data import sources  # light: no torch
+
+    _positive("data.num_anchors", data.num_anchors)
+    _positive("data.batch_size", data.batch_size)
+    _positive("data.num_workers", data.num_workers, strict=False)
+    _positive("data.pad_to_multiple_of", data.pad_to_multiple_of)
+    if data.num_proc is not None:
+        _at_least("data.num_proc", data.num_proc, 1)
+    if data.max_length < 2 * block_size:
+        raise ConfigError("data.max_length", f"must be >= 2 * model.drafter.block_size = {2 * block_size}")
+    if data.kind == DataKind.features:
+        if not isinstance(data.path, str) or not Path(data.path, "manifest.json").is_file():
+            raise ConfigError("data.path", f"data=cached needs the directory dflashtrain-cache wrote (with "
+                                           f"manifest.json); got {data.path!r}")
+        return
+    if isinstance(data.path, str) and Path(data.path, "manifest.json").is_file() and any(
+            Path(data.path).glob("shard-*.arrow")):
+        raise ConfigError("data.path", f"{data.path} is a feature cache (dflashtrain-cache): train from it with "
+                                       "data=cached")
+    try:
+        sources.resolve(OmegaConf.to_container(data.path) if OmegaConf.is_list(data.path) else data.path)
+    except sources.SourceError as error:
+        raise ConfigError("data.path", str(error)) from None
+    if data.chat_template is not None and not os.path.isfile(data.chat_template):
+        raise ConfigError("data.chat_template", f"file not found: {data.chat_template} (a Jinja chat template)")
+    for key in data.chat_template_kwargs:
+        if key in RESERVED_TEMPLATE_KWARGS:
+            raise ConfigError(f"data.chat_template_kwargs.{key}", "is an argument dflashtrain sets itself, not a "
+                                                                 "template variable")
+    policy, prompt = data.system_prompt_policy, data.system_prompt
+    if policy in (SystemPromptPolicy.default, SystemPromptPolicy.replace) and not (prompt or "").strip():
+        raise ConfigError("data.system_prompt", f"is required by data.system_prompt_policy={policy.value}")
+    if policy in (SystemPromptPolicy.keep, SystemPromptPolicy.drop) and prompt is not None:
+        raise ConfigError("data.system_prompt", f"is set but data.system_prompt_policy={policy.value} ignores it; "
+                                                "use default (where a row has none) or replace")
 
 
 def objective_family(cfg: DictConfig) -> str:

@@ -1,96 +1,140 @@
-"""Chat rows -> ``input_ids`` and ``loss_mask`` through the target's own chat template (docs/conventions.md, loss mask).
+"""A chat -> ``input_ids`` and ``loss_mask`` through the target's chat template (docs/conventions.md, loss mask).
 
-``loss_mask`` is 1 on assistant tokens, including the end-of-turn token that closes each assistant turn. Templates
-that mark assistant spans with ``{% generation %}`` give the mask directly; for others the span of assistant turn i
-is the difference between the rendering of ``messages[:i]`` (with the generation prompt) and of
-``messages[:i+1]``, cut after its last end-of-turn token.
+The conversation is rendered once, as a whole. ``loss_mask`` is 1 on what each assistant turn generates: from the end
+of its generation prompt through the end-of-turn token that closes it.
+
+* Templates that mark assistant spans with ``{% generation %}`` give the mask directly.
+* Otherwise turn i starts where the whole rendering departs from the rendering of ``messages[:i]`` with the generation
+  prompt: at the prompt's end, or inside the generation prompt when the template opens a turn differently in the
+  history (a Qwen3-style template with ``enable_thinking=false`` opens the generation with an empty think block that
+  earlier turns do not carry). When the rendering departs earlier, inside the history (a template that re-renders
+  earlier turns, e.g. drops their reasoning), the turn starts after the next occurrence of the generation prompt. It
+  ends at its first end-of-turn token.
+
+The template is the tokenizer's, or ``data.chat_template`` (a Jinja file); ``data.chat_template_kwargs`` (e.g.
+``enable_thinking``) reach the template as variables.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
-ROLES = ("system", "user", "assistant", "tool")
+from dflashtrain.data.formats import Chat
+
 GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
-
-
-def _ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> List[int]:
-    out = tokenizer.apply_chat_template(
-        list(messages), tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
-    )
-    return list(out["input_ids"])
-
-
-def _marked_mask(tokenizer, messages: Sequence[dict]) -> tuple[List[int], List[int]]:
-    out = tokenizer.apply_chat_template(
-        list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    return list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
-
-
-def _prefix_diff_mask(tokenizer, messages: Sequence[dict]) -> tuple[List[int], List[int]]:
-    input_ids = _ids(tokenizer, messages)
-    loss_mask = [0] * len(input_ids)
-    end_of_turn = tokenizer.eos_token_id
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(_ids(tokenizer, messages[:i], add_generation_prompt=True))
-        upto = _ids(tokenizer, messages[: i + 1])
-        if input_ids[: len(upto)] != upto:
-            raise ValueError(
-                "the chat template does not render conversations prefix-consistently; add {% generation %} "
-                "markers around assistant content so assistant spans can be found"
-            )
-        stop = len(upto)
-        while stop > start and upto[stop - 1] != end_of_turn:  # drop the newline after the end-of-turn token
-            stop -= 1
-        for position in range(start, stop if stop > start else len(upto)):
-            loss_mask[position] = 1
-    return input_ids, loss_mask
-
-
-def tokenize_chat(tokenizer, messages: Sequence[dict], max_length: Optional[int] = None) -> Dict[str, List[int]]:
-    """-> {"input_ids", "loss_mask"}, truncated to max_length (None: the whole conversation)."""
-    if GENERATION_MARKER.search(tokenizer.chat_template or ""):
-        input_ids, loss_mask = _marked_mask(tokenizer, messages)
-    else:
-        input_ids, loss_mask = _prefix_diff_mask(tokenizer, messages)
-    return {"input_ids": input_ids[:max_length], "loss_mask": loss_mask[:max_length]}
-
-
-class BadRowError(ValueError):
-    """A data row that cannot be used, named by file and line (``data.on_bad_row=error``)."""
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")  # end-of-turn tokens of common chat templates
 
 
 @dataclass(frozen=True)
-class RowProblem:
-    """Why a row is unusable: ``reason`` is short and stable (it is counted), ``detail`` says where and what."""
+class ChatFormat:
+    """How rows become conversations and conversations become tokens (the ``data.*`` formatting keys)."""
 
-    reason: str
-    detail: str
+    row_format: str = "auto"  # auto | messages | sharegpt
+    template: Optional[str] = None  # template text replacing the tokenizer's; None: the tokenizer's
+    template_kwargs: Dict[str, Any] = field(default_factory=dict)
+    system_prompt_policy: str = "keep"  # keep | drop | default | replace
+    system_prompt: Optional[str] = None
+
+    @staticmethod
+    def from_config(data) -> "ChatFormat":
+        """From a DataConfig node: the template file is read here."""
+        from omegaconf import OmegaConf
+
+        template = Path(data.chat_template).read_text(encoding="utf-8") if data.chat_template else None
+        kwargs = OmegaConf.to_container(data.chat_template_kwargs) if OmegaConf.is_config(
+            data.chat_template_kwargs) else dict(data.chat_template_kwargs)
+        return ChatFormat(row_format=str(getattr(data.format, "value", data.format)), template=template,
+                          template_kwargs=kwargs, system_prompt_policy=str(getattr(
+                              data.system_prompt_policy, "value", data.system_prompt_policy)),
+                          system_prompt=data.system_prompt)
 
 
-def row_problem(row: object) -> Optional[RowProblem]:
-    """Why a parsed JSONL row is not a usable chat, or None."""
-    if not isinstance(row, dict):
-        return RowProblem("not a JSON object", f"the line holds a JSON {type(row).__name__}, not an object")
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return RowProblem("missing messages", "no non-empty `messages` list")
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in ROLES:
-            return RowProblem("unknown role", f"message {i} has role {role!r}; allowed: {', '.join(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            kind = type(message.get("content")).__name__
-            return RowProblem("non-string content", f"message {i} ({role}) has {kind} content, not a string")
-    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not assistant:
-        return RowProblem("no assistant turn", "no message has role 'assistant': nothing to supervise")
-    empty = [i for i in assistant if not messages[i]["content"].strip()]
-    if empty:
-        return RowProblem("empty assistant turn", f"assistant message {empty[0]} has empty content")
-    return None
+class TurnNotFoundError(ValueError):
+    """The template renders an assistant turn in a way its spans cannot be located."""
+
+
+def render(tokenizer, fmt: ChatFormat, chat: Chat, messages: Sequence[dict], add_generation_prompt: bool = False,
+           assistant_mask: bool = False):
+    return tokenizer.apply_chat_template(
+        list(messages), tools=chat.tools, chat_template=fmt.template, tokenize=True,
+        add_generation_prompt=add_generation_prompt, return_dict=True, return_assistant_tokens_mask=assistant_mask,
+        **fmt.template_kwargs)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _find(haystack: List[int], needle: List[int], start: int) -> int:
+    for i in range(start, len(haystack) - len(needle) + 1):
+        if haystack[i:i + len(needle)] == needle:
+            return i
+    return -1
+
+
+def _turn_start(tokenizer, fmt: ChatFormat, chat: Chat, i: int, ids: List[int], done: int) -> int:
+    """Where assistant turn i's generated tokens start in the whole rendering ``ids`` (at or after ``done``)."""
+    prompt = list(render(tokenizer, fmt, chat, chat.messages[:i], add_generation_prompt=True)["input_ids"])
+    start = _common_prefix(prompt, ids)
+    if start == len(prompt) and start >= done:
+        return start
+    history = list(render(tokenizer, fmt, chat, chat.messages[:i])["input_ids"]) if i else []
+    opens_prompt = prompt[:len(history)] == history
+    if opens_prompt and len(history) < start and start >= done:
+        return start  # the rendering departs inside the generation prompt
+    opener = prompt[len(history):] if opens_prompt else []
+    found = _find(ids, opener, done) if opener else -1
+    if found < 0:
+        raise TurnNotFoundError(f"assistant message {i} cannot be located in the rendered conversation (the template "
+                                "renders its history unlike its prompt); use a template with {% generation %} "
+                                "markers (data.chat_template)")
+    return found + len(opener)
+
+
+def _turn_end(tokenizer, fmt: ChatFormat, chat: Chat, i: int, ids: List[int], start: int, stops: set) -> int:
+    """The position of the end-of-turn token that closes turn i; without one, the turn's last token."""
+    stop = next((p for p in range(start, len(ids)) if ids[p] in stops), None)
+    if stop is not None:
+        return stop
+    upto = list(render(tokenizer, fmt, chat, chat.messages[:i + 1])["input_ids"])
+    return len(upto) - 1 if ids[:len(upto)] == upto and len(upto) > start else len(ids) - 1
+
+
+@functools.lru_cache(maxsize=8)
+def end_of_turn_ids(tokenizer) -> frozenset:
+    vocab = tokenizer.get_vocab()
+    return frozenset({tokenizer.eos_token_id} | {vocab[t] for t in STOP_TOKENS if t in vocab})
+
+
+def _turn_mask(tokenizer, fmt: ChatFormat, chat: Chat) -> tuple[List[int], List[int]]:
+    ids = list(render(tokenizer, fmt, chat, chat.messages)["input_ids"])
+    mask = [0] * len(ids)
+    stops = end_of_turn_ids(tokenizer)
+    done = 0  # positions before this belong to earlier turns
+    for i, message in enumerate(chat.messages):
+        if message["role"] != "assistant":
+            continue
+        start = _turn_start(tokenizer, fmt, chat, i, ids, done)
+        stop = _turn_end(tokenizer, fmt, chat, i, ids, start, stops)
+        mask[start:stop + 1] = [1] * (stop + 1 - start)
+        done = stop + 1
+    return ids, mask
+
+
+def tokenize_chat(tokenizer, chat: Chat, fmt: ChatFormat, max_length: Optional[int] = None) -> Dict[str, List[int]]:
+    """-> {"input_ids", "loss_mask"} of the whole conversation, cut to max_length (None: all of it)."""
+    template = tokenizer.get_chat_template(fmt.template, chat.tools)
+    if GENERATION_MARKER.search(template or ""):
+        out = render(tokenizer, fmt, chat, chat.messages, assistant_mask=True)
+        input_ids, loss_mask = list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
+    else:
+        input_ids, loss_mask = _turn_mask(tokenizer, fmt, chat)
+    return {"input_ids": input_ids[:max_length], "loss_mask": loss_mask[:max_length]}

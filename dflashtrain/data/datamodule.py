@@ -1,198 +1,91 @@
-"""Chat JSONL -> tokenized ``datasets.Dataset`` -> padded batches.
+"""Rows -> padded batches for this rank: tokenized chats (data/tokenized.py) or a feature cache (data/features.py).
 
-Every row is checked while preprocessing, before training starts, so a bad row can never stop a run mid-epoch.
-A row is bad when its line is not UTF-8 or not JSON, is not an object, has no ``messages`` list, has a message
-with an unknown role or non-string content, has no assistant turn or an empty one, cannot be rendered by the chat
-template, or is *over max_length*: longer than ``data.max_length`` tokens so that, cut to ``max_length``, fewer
-than 2·B supervised tokens remain. ``data.on_bad_row=error`` stops at the first bad row, naming ``file:line``;
-``skip`` drops it and counts it by reason.
-
-Two cases are not bad rows and are handled the same under both policies: a row longer than ``max_length`` that
-keeps at least 2·B supervised tokens is truncated and kept (counted as *truncated*), and a row with fewer than
-2·B supervised tokens in full is dropped and counted (docs/conventions.md, loss mask). The per-reason summary (with the first line
-of each reason) is logged once, at warning level when rows were dropped so it reaches the terminal even where
-logging is not configured. Each kept row carries ``row`` = its 1-based line number, the batch's ``sample_ids``.
+Every row is read, checked and tokenized in ``setup``, before training starts (the rules are in data/tokenized.py);
+the data summary (rows, kept, truncated, dropped per reason with the first ``file:N`` of each, and where the rows came
+from) is logged every run, at warning level when rows were dropped so that it reaches the terminal even where
+logging is not configured. A batch carries ``sample_ids``, each row's ``file:N`` (what error messages name), and
+``row_keys``, its dataset index (unique; it seeds the row's random draws).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import lightning as L
 import torch
-from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from dflashtrain.config.schema import BadRowPolicy
-from dflashtrain.data.blocks import anchor_candidates
-from dflashtrain.data.chat import BadRowError, RowProblem, row_problem, tokenize_chat
+from dflashtrain.config.schema import ConfigError
+from dflashtrain.data import sources
+from dflashtrain.data.chat import ChatFormat
+from dflashtrain.data.features import FeatureLayout, decode_states, open_rows
+from dflashtrain.data.rows import BadRowError
 from dflashtrain.data.sampling import GlobalBatchSampler
+from dflashtrain.data.tokenized import DataSummary, load_or_tokenize
 
-__all__ = ["BadRowError", "ChatCollator", "ChatDataModule", "DataSummary", "read_chat_rows", "tokenize_rows"]
+__all__ = ["BadRowError", "ChatCollator", "ChatDataModule", "DataSummary"]
 
 log = logging.getLogger(__name__)
-
-TOO_FEW_SUPERVISED = "fewer than 2B supervised tokens"  # dropped under either policy
-
-
-@dataclass
-class DataSummary:
-    """What preprocessing did with a file: rows read, kept, truncated, and dropped per reason (first line each)."""
-
-    path: str
-    max_length: int
-    rows: int = 0  # non-blank lines
-    kept: int = 0
-    truncated: int = 0  # kept rows cut to max_length
-    dropped: Counter = field(default_factory=Counter)  # reason -> rows
-    first_line: Dict[str, int] = field(default_factory=dict)  # reason -> first line number
-
-    def drop(self, reason: str, line: int) -> None:
-        self.dropped[reason] += 1
-        self.first_line.setdefault(reason, line)
-
-    def __str__(self) -> str:
-        text = f"data {self.path}: {self.rows} rows, {self.kept} kept"
-        if self.truncated:
-            text += f" ({self.truncated} truncated to data.max_length={self.max_length})"
-        if self.dropped:
-            reasons = ", ".join(f"{reason} {count} (first at line {self.first_line[reason]})"
-                                for reason, count in sorted(self.dropped.items()))
-            text += f", {sum(self.dropped.values())} dropped: {reasons}"
-        return text
-
-
-def _bad_row(path: str, line: int, problem: RowProblem, policy: BadRowPolicy, summary: DataSummary) -> None:
-    """Count the row (skip) or stop naming it (error)."""
-    if policy == BadRowPolicy.error:
-        raise BadRowError(f"{path}:{line}: {problem.reason}: {problem.detail} (data.on_bad_row=skip skips such rows)")
-    summary.drop(problem.reason, line)
-
-
-def _parse_line(raw: bytes) -> tuple[Optional[dict], Optional[RowProblem]]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return None, RowProblem("invalid UTF-8", f"byte {error.start} cannot be decoded")
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as error:
-        return None, RowProblem("invalid JSON", f"{error.msg} at column {error.colno}")
-    return row, row_problem(row)
-
-
-def read_chat_rows(path: str, policy: BadRowPolicy, summary: DataSummary) -> List[dict]:
-    """Parse a chat JSONL file -> [{"row": line number, "messages": the messages as JSON text}] of usable rows.
-
-    Blank lines are ignored. Messages are kept as JSON text so rows with differently shaped extra fields never meet
-    in one Arrow schema.
-    """
-    policy = BadRowPolicy(policy)
-    rows = []
-    with open(path, "rb") as handle:
-        for line, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            summary.rows += 1
-            row, problem = _parse_line(raw)
-            if problem is not None:
-                _bad_row(path, line, problem, policy, summary)
-                continue
-            rows.append({"row": line, "messages": json.dumps(row["messages"], ensure_ascii=False)})
-    return rows
-
-
-def _encode(messages_json: str, tokenizer, max_length: int, min_supervised: int) -> Dict:
-    """One row -> input_ids, loss_mask (cut to max_length), truncated, and the problem ("" if none) with detail."""
-    out = {"input_ids": [], "loss_mask": [], "truncated": False, "problem": "", "detail": ""}
-    try:
-        full = tokenize_chat(tokenizer, json.loads(messages_json))
-    except Exception as error:  # noqa: BLE001 - any template failure on one row is that row's problem, reported
-        out.update(problem="chat template error", detail=f"{type(error).__name__}: {error}".replace("\n", " "))
-        return out
-    input_ids, loss_mask = full["input_ids"][:max_length], full["loss_mask"][:max_length]
-    out.update(input_ids=input_ids, loss_mask=loss_mask, truncated=len(full["input_ids"]) > max_length)
-    supervised = sum(loss_mask)
-    has_anchor = len(loss_mask) > 1 and bool(anchor_candidates(torch.tensor([loss_mask])).any())
-    if supervised >= min_supervised and has_anchor:
-        return out
-    if out["truncated"] and sum(full["loss_mask"]) >= min_supervised:
-        out.update(problem="over max_length", detail=(
-            f"{len(full['input_ids'])} tokens; cut to data.max_length={max_length}, {supervised} supervised tokens "
-            f"remain, fewer than 2·B = {min_supervised}"))
-    else:
-        out.update(problem=TOO_FEW_SUPERVISED,
-                   detail=f"{supervised} supervised tokens, fewer than 2·B = {min_supervised}")
-    return out
-
-
-def tokenize_rows(rows: List[dict], tokenizer, max_length: int, min_supervised: int, policy: BadRowPolicy,
-                  summary: DataSummary) -> Dataset:
-    """Tokenize with the chat template; bad rows per ``policy``; rows with < ``min_supervised`` tokens dropped."""
-    policy = BadRowPolicy(policy)
-    if not rows:
-        return Dataset.from_dict({"row": [], "input_ids": [], "loss_mask": []})
-    encoded = Dataset.from_list(rows).map(
-        lambda example: _encode(example["messages"], tokenizer, max_length, min_supervised),
-        remove_columns=["messages"], desc="tokenizing",
-    )
-    keep = []
-    for i, (line, problem, detail) in enumerate(zip(encoded["row"], encoded["problem"], encoded["detail"])):
-        if not problem:
-            keep.append(i)
-        elif problem == TOO_FEW_SUPERVISED:
-            summary.drop(problem, line)
-        else:
-            _bad_row(summary.path, line, RowProblem(problem, detail), policy, summary)
-    kept = encoded.select(keep)
-    summary.kept = len(kept)
-    summary.truncated = sum(kept["truncated"]) if len(kept) else 0
-    return kept.remove_columns(["truncated", "problem", "detail"])
 
 
 @dataclass
 class ChatCollator:
-    """Right-pads a list of rows to the longest; pad positions have loss_mask 0 and attention_mask 0."""
+    """Right-pads a list of rows to the longest; pad positions have loss_mask 0, attention_mask 0 and zero states."""
 
     pad_token_id: int
     pad_to_multiple_of: int  # fewer distinct shapes for compiled kernels
+    features: Optional[FeatureLayout] = None  # rows of a feature cache: their state columns are padded too
+    columns: List[str] = field(init=False)
 
-    def __call__(self, rows: List[Dict]) -> Dict[str, torch.Tensor]:
+    def __post_init__(self):
+        self.columns = ["input_ids", "loss_mask", "row", "index", *(self.features.widths if self.features else [])]
+
+    def __call__(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         longest = max(len(r["input_ids"]) for r in rows)
         length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {
             "input_ids": torch.full((len(rows), length), self.pad_token_id, dtype=torch.long),
             "loss_mask": torch.zeros(len(rows), length, dtype=torch.long),
             "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
-            "sample_ids": torch.tensor([int(r["row"]) for r in rows], dtype=torch.long),
+            "sample_ids": [str(r["row"]) for r in rows],  # file:N, a host list
             # dataset indices, a plain list so that it stays on the host: they seed each row's random draws
             "row_keys": [int(r["index"]) for r in rows],
         }
+        widths = self.features.widths if self.features else {}
+        for name, width in widths.items():
+            batch[name] = torch.zeros(len(rows), length, width, dtype=self.features.dtypes[name])
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             batch["input_ids"][i, :n] = torch.as_tensor(r["input_ids"])
             batch["loss_mask"][i, :n] = torch.as_tensor(r["loss_mask"])
             batch["attention_mask"][i, :n] = 1
+            for name, width in widths.items():
+                batch[name][i, :n] = decode_states(r[name], n, width, self.features.dtypes[name])
         return batch
 
 
 class ChatDataModule(L.LightningDataModule):
+    """``path`` is data.path (files, directories, globs; docs/data.md), or with ``features`` (a feature cache's
+    manifest) the cache's directory."""
+
     def __init__(
         self,
         tokenizer,
-        path: str,
+        path,
         max_length: int,
         min_supervised_tokens: int,
         batch_size: int,
         num_workers: int,
         shuffle: bool,
-        on_bad_row: BadRowPolicy,
+        on_bad_row: str,
         pad_to_multiple_of: int,
         seed: int,
+        chat_format: Optional[ChatFormat] = None,  # None: the tokenizer's template, detected row formats
+        cache_dir: Optional[str] = None,  # the tokenized cache's root (data.cache_dir); None: no cache
+        num_proc: Optional[int] = 1,
+        features: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -202,40 +95,70 @@ class ChatDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle = shuffle
-        self.on_bad_row = BadRowPolicy(on_bad_row)
+        self.on_bad_row = str(getattr(on_bad_row, "value", on_bad_row))
         self.pad_to_multiple_of = pad_to_multiple_of
         self.seed = seed
-        self.train_set: Dataset | None = None
+        self.chat_format = chat_format or ChatFormat()
+        self.cache_dir = cache_dir
+        self.num_proc = num_proc
+        self.features = features
+        self.train_set = None
         self.resume_position: Optional[Dict[str, int]] = None  # set from a checkpoint (load_state_dict)
-        self.summary = DataSummary(path=str(path), max_length=max_length)
+        shown = path if isinstance(path, str) else ", ".join(map(str, path))
+        self.summary = DataSummary(path=shown, max_length=max_length)
+
+    @staticmethod
+    def from_config(data, tokenizer, min_supervised_tokens: int, seed: int,
+                    features: Optional[Dict[str, Any]] = None) -> "ChatDataModule":
+        """From the data group of a config (a feature cache's manifest when data.kind=features)."""
+        from omegaconf import OmegaConf
+
+        path = OmegaConf.to_container(data.path) if OmegaConf.is_list(data.path) else data.path
+        return ChatDataModule(
+            tokenizer=tokenizer, path=path, max_length=data.max_length, min_supervised_tokens=min_supervised_tokens,
+            batch_size=data.batch_size, num_workers=data.num_workers, shuffle=data.shuffle, on_bad_row=data.on_bad_row,
+            pad_to_multiple_of=data.pad_to_multiple_of, seed=seed, chat_format=ChatFormat.from_config(data),
+            cache_dir=data.cache_dir, num_proc=data.num_proc, features=features)
 
     def setup(self, stage: str | None = None) -> None:
         """Read, check and tokenize every row now: nothing about the data can fail once training has started."""
         if self.train_set is not None:
             return
-        rows = read_chat_rows(self.path, self.on_bad_row, self.summary)
-        self.train_set = tokenize_rows(rows, self.tokenizer, self.max_length, self.min_supervised_tokens,
-                                       self.on_bad_row, self.summary)
+        if self.features is not None:
+            self.train_set = open_rows(self.path, self.features, self.min_supervised_tokens, self.summary)
+        else:
+            try:
+                files = sources.resolve(self.path)
+            except sources.SourceError as error:
+                raise ConfigError("data.path", str(error)) from None
+            self.train_set, self.summary = load_or_tokenize(
+                files, self.tokenizer, self.chat_format, self.max_length, self.min_supervised_tokens, self.on_bad_row,
+                self.summary, self.cache_dir, self.num_proc)
         log.log(logging.WARNING if self.summary.dropped else logging.INFO, "%s", self.summary)
         if len(self.train_set) == 0:
-            raise BadRowError(f"{self.path}: no usable rows ({self.summary})")
+            raise BadRowError(f"{self.summary.path}: no usable rows ({self.summary})")
         self.train_set = self.train_set.add_column("index", list(range(len(self.train_set))))
+
+    def collator(self) -> ChatCollator:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        layout = FeatureLayout.from_manifest(self.features) if self.features is not None else None
+        return ChatCollator(pad, self.pad_to_multiple_of, layout)
 
     def train_dataloader(self) -> DataLoader:
         """Batches of this rank (docs/architecture.md, data across ranks): one shuffled order per epoch, cut into
         global batches; a resumed run starts at the first global batch its checkpoint had not trained on."""
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = GlobalBatchSampler(len(self.train_set), self.batch_size, self.shuffle, self.seed, rank, world)
         if self.resume_position is not None:
             sampler.set_position(self.resume_position["epoch"], resumed_batches(self.resume_position, sampler))
             self.resume_position = None
+        collate = self.collator()
         return DataLoader(
-            self.train_set.with_format(columns=["input_ids", "loss_mask", "row", "index"]),
+            self.train_set.with_format(columns=collate.columns),
             batch_sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=ChatCollator(pad, self.pad_to_multiple_of),
+            collate_fn=collate,
         )
 
     def state_dict(self) -> Dict[str, int]:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from typing import List, Optional, Sequence
 
 from transformers import GenerationConfig
 
-from dflashtrain.config.schema import BadRowPolicy
-from dflashtrain.data.datamodule import DataSummary, read_chat_rows
+from dflashtrain.config.schema import BadRowPolicy, ConfigError
+from dflashtrain.data import sources
+from dflashtrain.data.chat import STOP_TOKENS, ChatFormat, render
+from dflashtrain.data.formats import Chat
+from dflashtrain.data.tokenized import DataSummary, read_chats
 from dflashtrain.models.target import load_target_config
-
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")  # end-of-turn tokens of common chat templates
 
 
 def prompt_messages(messages: Sequence[dict]) -> List[dict]:
@@ -20,13 +20,21 @@ def prompt_messages(messages: Sequence[dict]) -> List[dict]:
     return list(messages[:last])
 
 
-def read_prompts(path: str, tokenizer, limit: Optional[int], policy: BadRowPolicy) -> List[List[int]]:
-    """Chat JSONL -> token ids of the first ``limit`` prompts (None: all), rendered with the generation prompt."""
-    rows = read_chat_rows(path, BadRowPolicy(policy), DataSummary(path=path, max_length=0))
+def read_prompts(path: str, tokenizer, limit: Optional[int], policy: BadRowPolicy,
+                 chat_format: Optional[ChatFormat] = None) -> List[List[int]]:
+    """Chat rows (any supported file and format) -> token ids of the first ``limit`` prompts (None: all), rendered
+    with the generation prompt; rows need no answer."""
+    fmt = chat_format or ChatFormat()
+    try:
+        files = sources.resolve(path)
+    except sources.SourceError as error:
+        raise ConfigError("data.eval_path", str(error)) from None
+    rows = read_chats(files, fmt, BadRowPolicy(policy).value, DataSummary(path=path, max_length=0),
+                      require_answer=False)
     prompts = []
     for row in rows[:limit]:
-        rendered = tokenizer.apply_chat_template(prompt_messages(json.loads(row["messages"])), tokenize=True,
-                                                 add_generation_prompt=True, return_dict=True)
+        chat = Chat.from_json(row["chat"])
+        rendered = render(tokenizer, fmt, chat, prompt_messages(chat.messages), add_generation_prompt=True)
         prompts.append(list(rendered["input_ids"]))
     return prompts
 

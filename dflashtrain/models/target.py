@@ -123,6 +123,10 @@ class FrozenTarget:
         self.model.to(device)
         return self
 
+    def batch_states(self, batch) -> TargetStates:
+        """The states of a batch of rows: one forward over its input_ids (a feature cache reads them instead)."""
+        return self.states(batch["input_ids"], batch["attention_mask"])
+
     @torch.no_grad()
     def states(self, input_ids: Tensor, attention_mask: Tensor) -> TargetStates:
         """One forward of the backbone (no LM head: the V-sized logits are never materialized here)."""

@@ -3,7 +3,7 @@
 * :class:`NonFiniteGuard` (a Lightning callback) checks the loss before ``backward`` and the gradients before the
   optimizer step. On a non-finite value it saves the weights as they are (still those of the last good step: the
   bad step never reached the optimizer) to ``checkpoints/last-good-step{global_step:07d}.ckpt`` and raises
-  :class:`NonFiniteLossError`, naming the step and the batch's ``sample_ids`` (JSONL line numbers).
+  :class:`NonFiniteLossError`, naming the step and the batch's ``sample_ids`` (``file:N`` of each row).
 * :func:`check_checkpoint_dir` refuses to start a new run in an output directory that already holds checkpoints
   of another run (only a run resumed from one of them may continue there).
 * :func:`check_resume_matches` compares a ``resume_from`` checkpoint's drafter geometry with the config's before
@@ -66,7 +66,8 @@ class NonFiniteGuard(Callback):
         self.step_of_ids = -1
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
-        ids = batch["sample_ids"].tolist() if isinstance(batch, dict) and "sample_ids" in batch else []
+        ids = batch.get("sample_ids", []) if isinstance(batch, dict) else []
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # file:N strings (a tensor in hand-made batches)
         if trainer.global_step != self.step_of_ids:  # a new optimizer step (accumulation window) begins
             self.step_ids, self.step_of_ids = [], trainer.global_step
         self.batch_ids = ids
@@ -93,7 +94,7 @@ class NonFiniteGuard(Callback):
         """Save the untouched weights, then raise. Called on every rank (saving is collective)."""
         path = unused_path(self.checkpoint_dir / f"{LAST_GOOD.format(step=trainer.global_step)}.ckpt")
         trainer.save_checkpoint(str(path))
-        ids = f"sample ids {sample_ids} (JSONL line numbers)" if sample_ids else "sample ids on the reporting rank"
+        ids = f"sample ids {sample_ids} (file:N)" if sample_ids else "sample ids on the reporting rank"
         raise NonFiniteLossError(
             f"non-finite {what} at step {trainer.global_step}, {ids}; stopped before the optimizer step, "
             f"the weights this step started from are in {path}"

@@ -122,7 +122,7 @@ class DraftModule(L.LightningModule):
         rng = RowGenerators(self.seed, self.current_epoch, batch["row_keys"], batch["loss_mask"].device)
         anchors, keep = sample_anchors(batch["loss_mask"], self.num_anchors, uniforms=rng.uniform(self.max_length))
         if not keep.any():
-            raise ValueError(f"no valid anchor in the batch (sample ids {batch['sample_ids'].tolist()})")
+            raise ValueError(f"no valid anchor in the batch (sample ids {list(batch['sample_ids'])})")
         geometry = self.drafter.geometry
         blocks = make_blocks(batch["input_ids"], batch["loss_mask"], anchors, keep, geometry.block_size,
                              geometry.mask_token_id, self.objective.label_offset)
@@ -147,7 +147,7 @@ class DraftModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ step
     def forward_loss(self, batch: Dict[str, Tensor], chunk_blocks: int, use_checkpoint: bool = True):
         """Target under no_grad -> blocks -> drafter -> chunked objective. Returns (ChunkLoss, SlotCounts, blocks)."""
-        states = self.target.states(batch["input_ids"], batch["attention_mask"])
+        states = self.target.batch_states(batch)
         blocks = self.blocks_for(batch)
         hidden = self.draft_hidden(blocks, states)
         teacher = None

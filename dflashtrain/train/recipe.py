@@ -20,8 +20,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dflashtrain.config.checks import validate, validate_against_target
-from dflashtrain.config.schema import ConfigError, LoggerName
+from dflashtrain.config.schema import ConfigError, DataKind, LoggerName
+from dflashtrain.data.chat import ChatFormat
 from dflashtrain.data.datamodule import ChatDataModule
+from dflashtrain.data.features import CachedTarget, check_manifest, expected_entries, read_manifest
 from dflashtrain.families import family_checks, get_family
 from dflashtrain.models.target import (
     FrozenTarget,
@@ -64,11 +66,16 @@ def build_tau_eval(cfg: DictConfig, tokenizer) -> List[L.Callback]:
     """val/tau by speculative decoding every eval.every_n_steps steps, on data.eval_path prompts (if any)."""
     if cfg.eval.every_n_steps == 0 or cfg.data.eval_path is None:
         return []
+    if cfg.data.kind == DataKind.features:
+        log.warning("val/tau is off: it decodes with the whole target, which training from a feature cache does not "
+                    "load; measure checkpoints with dflashtrain-eval")
+        return []
     from dflashtrain.data.prompts import read_prompts, stop_token_ids
     from dflashtrain.train.callbacks import TauEvalCallback
 
     return [TauEvalCallback(
-        prompts=read_prompts(cfg.data.eval_path, tokenizer, cfg.eval.num_prompts, cfg.data.on_bad_row),
+        prompts=read_prompts(cfg.data.eval_path, tokenizer, cfg.eval.num_prompts, cfg.data.on_bad_row,
+                             ChatFormat.from_config(cfg.data)),
         stop_token_ids=stop_token_ids(tokenizer, cfg.model.target.path),
         every_n_steps=cfg.eval.every_n_steps,
         max_new_tokens=cfg.eval.max_new_tokens,
@@ -99,21 +106,15 @@ def fit(cfg: DictConfig) -> Dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     data = cfg.data
-    datamodule = ChatDataModule(
-        tokenizer=tokenizer,
-        path=data.path,
-        max_length=data.max_length,
-        min_supervised_tokens=2 * geometry.block_size,
-        batch_size=data.batch_size,
-        num_workers=data.num_workers,
-        shuffle=data.shuffle,
-        on_bad_row=data.on_bad_row,
-        pad_to_multiple_of=data.pad_to_multiple_of,
-        seed=cfg.seed,
-    )
+    features = None
+    if data.kind == DataKind.features:  # a feature cache: checked against this config before any weight loads
+        features = read_manifest(data.path)
+        check_manifest(features, expected_entries(cfg, geometry.target_layer_ids, objective.needs_teacher))
+    datamodule = ChatDataModule.from_config(data, tokenizer, 2 * geometry.block_size, cfg.seed, features)
     datamodule.setup("fit")  # tokenize now: bad rows fail before the target is loaded
 
-    target = FrozenTarget.load(cfg.model.target.path, cfg.model.target.dtype, geometry.target_layer_ids)
+    load_target = CachedTarget.load if features is not None else FrozenTarget.load  # the cache: embedding + head
+    target = load_target(cfg.model.target.path, cfg.model.target.dtype, geometry.target_layer_ids)
     optim = cfg.optim
     module = DraftModule(
         drafter=family.build_drafter(geometry, head_options),
