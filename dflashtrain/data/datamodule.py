@@ -239,10 +239,12 @@ class ChatDataModule(L.LightningDataModule):
         )
 
     def state_dict(self) -> Dict[str, int]:
-        """The data position, saved in every checkpoint: the epoch and how many of its global batches were taken."""
+        """The data position, saved in every checkpoint: the epoch and how many of its global batches were taken,
+        and what the position counts in (usable rows, rows per global batch), for a resume to check."""
         trainer = self.trainer
         return {"epoch": trainer.current_epoch,
-                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.ready}
+                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+                "rows": len(self.train_set), "global_batch_size": self.batch_size * trainer.world_size}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.resume_position = {"epoch": int(state["epoch"]), "batches_done": int(state["batches_done"])}

@@ -1,0 +1,96 @@
+"""A resume that changes a setting is refused or applied, never silently ignored; refusals come before any weight.
+
+Refused: what makes it another run (objective, drafter shape, data order or position). Applied and logged: what can
+take effect from the resumed step (optimizer settings, schedule length, clipping, precision, paths). Also refused:
+a checkpoint without training state, and continuing in place from a step older than the directory's last.ckpt.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+import dflashtrain.train.recipe as recipe
+from conftest import write_count_up_chats
+from dflashtrain.assets import TINY_TARGET_DIR
+from dflashtrain.config.schema import ConfigError, register_configs
+from dflashtrain.train.module import DraftModule
+from dflashtrain.train.recipe import run
+
+register_configs()
+
+
+def config(data: Path, out: Path, *extra: str):
+    overrides = [f"model.target.path={TINY_TARGET_DIR}", f"data.path={data}", f"paths.output_dir={out}",
+                 "data.batch_size=4", "checkpoint.every_n_train_steps=1", "logger=none", "eval.every_n_steps=0",
+                 "trainer.enable_progress_bar=false", "trainer.max_steps=2", *extra]
+    with initialize_config_module(config_module="dflashtrain.conf", version_base=None):
+        return compose("train", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_count_up_chats(tmp_path_factory.mktemp("data") / "train.jsonl", 16)
+
+
+@pytest.fixture(scope="module")
+def first(data, tmp_path_factory) -> Path:
+    """A finished 2-step decay run: its output directory."""
+    out = tmp_path_factory.mktemp("first")
+    run(config(data, out))
+    return out
+
+
+@pytest.mark.parametrize("change,key", [
+    (["loss=dspark"], "loss"),  # another objective family: it would be a state-dict traceback later
+    (["loss.gamma=2"], "loss.gamma"),
+    (["loss.target=kd"], "loss.target"),
+    (["model.drafter.num_layers=3"], "model.drafter.num_layers"),
+    (["data.batch_size=2"], "data.batch_size"),
+    (["data.num_anchors=4"], "data.num_anchors"),
+    (["seed=1"], "seed"),
+    (["trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches"),
+])
+def test_a_change_that_makes_it_another_run_is_refused_before_any_weight(data, first, tmp_path, monkeypatch, change,
+                                                                         key):
+    monkeypatch.setattr(recipe, "FrozenTarget", None)  # loading the target would fail: nothing got that far
+    with pytest.raises(ConfigError) as info:
+        run(config(data, tmp_path / "second", "trainer.max_steps=3", *change,
+                   f"resume_from={first / 'checkpoints' / 'last.ckpt'}"))
+    assert info.value.key == key and "\n" not in str(info.value)
+    assert not (tmp_path / "second").exists()
+
+
+def test_a_checkpoint_without_training_state_is_refused(data, first, tmp_path):
+    state = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    del state["optimizer_states"]
+    torch.save(state, tmp_path / "weights_only.ckpt")
+    with pytest.raises(ConfigError, match="^resume_from: .* holds no training state"):
+        run(config(data, tmp_path / "second", f"resume_from={tmp_path / 'weights_only.ckpt'}"))
+
+
+def test_continuing_in_place_from_an_older_step_is_refused(data, first):
+    with pytest.raises(ConfigError, match=r"^resume_from: .*step0000001\.ckpt is step 1 but .*last\.ckpt is step 2"):
+        run(config(data, first, "trainer.max_steps=3", f"resume_from={first / 'checkpoints' / 'step0000001.ckpt'}"))
+
+
+def test_changed_optimizer_settings_take_effect_and_are_logged(data, first, tmp_path, monkeypatch, caplog):
+    """Lightning restores the checkpoint's lr into the optimizer and scheduler: a new optim.lr would be ignored."""
+    seen = []
+    original = DraftModule.training_step
+
+    def training_step(module, batch, batch_idx):
+        seen.append(module.optimizers().param_groups[0]["lr"])
+        return original(module, batch, batch_idx)
+
+    monkeypatch.setattr(DraftModule, "training_step", training_step)
+    caplog.set_level(logging.WARNING, logger="dflashtrain.train.resume")
+    run(config(data, tmp_path / "second", "trainer.max_steps=3", "optim.lr=1e-3", "optim.warmup_ratio=0",
+               "optim.min_lr_ratio=1.0", f"resume_from={first / 'checkpoints' / 'last.ckpt'}"))
+    assert seen == [pytest.approx(1e-3)]  # the constant schedule at the new lr, from the first resumed step
+    text = caplog.text
+    assert "optim.lr: 0.005 -> 0.001 takes effect" in text and "trainer.max_steps: 2 -> 3 takes effect" in text
