@@ -129,8 +129,11 @@ def console_entry(app: Callable[[], None]) -> Callable[[], None]:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's full tracebacks
             return app()
         os.environ["HYDRA_FULL_ERROR"] = "1"
-        with reported_errors():
-            app()
+        try:
+            with reported_errors():
+                app()
+        finally:  # called again in the same process, it must behave the same
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
     main.__doc__ = app.__doc__
     return main

@@ -9,7 +9,6 @@ kernel's EFBIG) in a subprocess, or a monkeypatched write in process.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import resource
 import signal
@@ -27,7 +26,7 @@ from dflashtrain.config.schema import ConfigError
 from dflashtrain.export.atomic import PARTIAL_MARK, OutputWriteError, atomic_write_text
 from dflashtrain.train.checkpoint_io import SafeCheckpointIO
 from dflashtrain.train.loggers import CSVMetrics
-from dflashtrain.train.outputs import RunDirGuard, claim_dir, lock_dir, unlock_dir
+from dflashtrain.train.outputs import Refused, RunDirGuard, claim_dir, lock_dir, unlock_dir
 
 CLI = [sys.executable, "-c", "from dflashtrain.cli import train; train()"]
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "eval.every_n_steps=0", "data.batch_size=4"]
@@ -140,10 +139,10 @@ def test_a_second_live_run_on_the_same_directories_is_refused_before_writing(dat
 
 def test_a_lock_dies_with_its_holder(tmp_path):
     """flock: a killed holder leaves no stale lock; a live one in another process keeps it."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from dflashtrain.train.outputs import lock_dir; from pathlib import Path;"
-                               "lock_dir(Path(sys.argv[2]), 'k'); print('locked', flush=True); time.sleep(600)",
-                               str(Path(__file__).parents[1]), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path;"
+                               "from dflashtrain.train.outputs import lock_dir; lock_dir(Path(sys.argv[1]), 'k');"
+                               "print('locked', flush=True); time.sleep(600)", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(ConfigError, match=rf"^k: .* in use by another live run \(pid {holder.pid} on "):
         lock_dir(tmp_path, "k")
@@ -153,20 +152,13 @@ def test_a_lock_dies_with_its_holder(tmp_path):
     unlock_dir(tmp_path)
 
 
-def _claim(path: str, queue) -> None:
-    queue.put(claim_dir(path))
-
-
 def test_default_run_directories_are_unique_within_one_second(tmp_path):
+    """Four processes claim the same <time> directory at once (as four runs started in one second would)."""
     path = str(tmp_path / "outputs" / "train" / "2026-01-01_00-00-00")
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    workers = [context.Process(target=_claim, args=(path, queue)) for _ in range(4)]
-    for worker in workers:
-        worker.start()
-    claimed = sorted(queue.get(timeout=120) for _ in workers)
-    for worker in workers:
-        worker.join()
+    code = "import sys; from dflashtrain.train.outputs import claim_dir; print(claim_dir(sys.argv[1]))"
+    workers = [subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
+               for _ in range(4)]
+    claimed = sorted(worker.communicate(timeout=300)[0].strip() for worker in workers)
     assert claimed == sorted([path, f"{path}_1", f"{path}_2", f"{path}_3"])
     assert claim_dir(path) == f"{path}_4" and claim_dir(path) == f"{path}_4"  # claimed once per process
 
@@ -183,10 +175,11 @@ def test_hydra_files_of_an_existing_run_are_never_overwritten(tmp_path):
         unlock_dir(run_dir)
         return config.hydra.output_subdir
 
-    with pytest.raises(ConfigError, match=r"^hydra\.run\.dir: .* already holds a run \(\.hydra/config\.yaml\)"):
-        launch(None)
-    with pytest.raises(ConfigError, match="already holds a run"):
-        launch(str(tmp_path / "elsewhere" / "last.ckpt"))
+    for resume in (None, str(tmp_path / "elsewhere" / "last.ckpt")):  # Hydra would only warn about an Exception
+        with pytest.raises(Refused, match=r"^hydra\.run\.dir: .* already holds a run \(\.hydra/config\.yaml\)") \
+                as info:
+            launch(resume)
+        assert isinstance(info.value.__cause__, ConfigError) and not isinstance(info.value, Exception)
     assert launch(str(run_dir / "checkpoints" / "last.ckpt")) == ".hydra/resume-1"  # resuming that run
     (run_dir / ".hydra" / "resume-1").mkdir()
     (run_dir / ".hydra" / "resume-1" / "config.yaml").write_text("the first resume\n")
@@ -214,3 +207,42 @@ def test_csv_metrics_continue_on_resume(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 2, 3, 4, 5]
     assert rows[5]["train/acc"] == "0.5" and rows[0]["train/loss"] == "1.0" and rows[4]["train/loss"] == repr(0.25)
+
+
+def test_a_sweep_never_reuses_a_directory_holding_runs(tmp_path):
+    (tmp_path / "0_loss=decay").mkdir()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    with pytest.raises(Refused, match=r"^hydra\.sweep\.dir: .* already holds runs"):
+        RunDirGuard().on_multirun_start(config)
+
+
+def test_the_eval_report_is_written_whole(tmp_path, monkeypatch):
+    from dflashtrain.inference import evaluate
+
+    report = {"tau": 2.0, "accept_rate": [0.5], "histogram": [1, 1]}
+    evaluate.write_report(report, tmp_path, step=3)
+    before = digest(tmp_path / "eval.json")
+
+    def crash(*args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OutputWriteError, match=r"^output_dir: cannot write .*eval\.json: Read-only file system; the "
+                                               r"previous eval\.json is intact$"):
+        evaluate.write_report(dict(report, tau=3.0), tmp_path, step=4)
+    assert digest(tmp_path / "eval.json") == before and partials(tmp_path) == []
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    """The first Ctrl-C asks for a save at the end of the step; the second does not wait (exit 130, one line)."""
+    from dflashtrain.cli import exit_code, one_line
+    from dflashtrain.train.preemption import Interrupted, Preempted, SaveOnStop
+
+    stop = SaveOnStop(tmp_path, every_n_train_steps=5, save_last=True, save_top_k=1)
+    stop.handle(signal.SIGINT, None)
+    assert stop.received == signal.SIGINT
+    with pytest.raises(Interrupted) as info:
+        stop.handle(signal.SIGINT, None)
+    assert exit_code(info.value) == 130 and not isinstance(info.value, Exception)
+    assert exit_code(KeyboardInterrupt()) == 130 and one_line(KeyboardInterrupt()).startswith("SIGINT: interrupted")
+    assert exit_code(Preempted(signal.SIGTERM, 3, tmp_path / "last.ckpt")) == 143

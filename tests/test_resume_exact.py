@@ -22,8 +22,7 @@ import torch
 from conftest import write_count_up_chats
 
 TESTS = Path(__file__).resolve().parent
-QUIET = ["logger=csv", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "eval.every_n_steps=0",
-         "data.batch_size=4"]
+QUIET = ["trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "eval.every_n_steps=0", "data.batch_size=4"]
 
 
 def launch(out: Path, *overrides: str, signal_at: int = 0, signal_name: str = "SIGKILL", env=None, wait=True):
@@ -48,6 +47,14 @@ def losses(out: Path) -> dict:
     return {int(row["step"]): row["train/loss"] for row in rows}
 
 
+def scalars(out: Path, tag: str) -> list:
+    """(step, value) of a TensorBoard tag, as TensorBoard shows it (a resumed run's purge applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
 def step_of(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
@@ -62,21 +69,29 @@ def data(tmp_path_factory) -> Path:
     return write_count_up_chats(tmp_path_factory.mktemp("data") / "train.jsonl", 32)
 
 
-DECAY = ["trainer.max_steps=12", "checkpoint.every_n_train_steps=5"]
+DECAY = ["logger=csv", "trainer.max_steps=12", "checkpoint.every_n_train_steps=5"]
 
 
 @pytest.fixture(scope="module")
 def decay_reference(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("decay") / "reference"
-    result = launch(out, f"data.path={data}", *DECAY)
+    result = launch(out, f"data.path={data}", *DECAY, "resume_from=auto")  # nothing to resume yet: a new run
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
-def test_the_final_step_is_in_last_ckpt(decay_reference):
+def test_the_final_step_is_in_last_ckpt_with_the_random_states(decay_reference):
     """12 steps, checkpoints every 5: Lightning alone would leave step 10 in last.ckpt."""
-    assert step_of(decay_reference / "checkpoints" / "last.ckpt") == 12
-    assert sorted(losses(decay_reference)) == list(range(12))
+    from dflashtrain.train.resume import rng_state, set_rng_state
+
+    checkpoint = torch.load(decay_reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 12 and sorted(losses(decay_reference)) == list(range(12))
+    saved = next(state["rng"] for key, state in checkpoint["callbacks"].items() if key.startswith("ResumeState"))
+    assert {"python", "numpy", "torch"} <= set(saved)
+    here = rng_state()
+    set_rng_state(saved)  # what a resume does; then the generators continue from the saved states
+    assert torch.equal(torch.get_rng_state(), saved["torch"]) and rng_state()["python"] == tuple(saved["python"])
+    set_rng_state(here)
 
 
 def test_kill_9_then_resume_repeats_the_loss_curve_bitwise(data, decay_reference, tmp_path):
@@ -106,14 +121,16 @@ def test_sigterm_saves_exits_143_and_resumes_bitwise(data, decay_reference, tmp_
 def test_dspark_with_accumulation_kill_9_then_resume_bitwise(data, tmp_path):
     """DSpark (its heads and optimizer state too), two micro-batches per step: killed inside an accumulation."""
     settings = [f"data.path={data}", "loss=dspark", "trainer.accumulate_grad_batches=2", "trainer.max_steps=7",
-                "checkpoint.every_n_train_steps=3"]
+                "checkpoint.every_n_train_steps=3", "logger=tensorboard"]
     reference, out = tmp_path / "reference", tmp_path / "run"
     assert launch(reference, *settings).returncode == 0
     killed = launch(out, *settings, signal_at=4, signal_name="SIGKILL")
     assert killed.returncode == -9 and step_of(out / "checkpoints" / "last.ckpt") == 3
     resumed = launch(out, *settings, f"resume_from={out / 'checkpoints' / 'last.ckpt'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert losses(out) == losses(reference) and len(losses(reference)) == 7
+    # TensorBoard in the resumed directory: each step once, the killed run's steps after the checkpoint purged
+    assert scalars(out, "train/loss") == scalars(reference, "train/loss")
+    assert [step for step, _ in scalars(reference, "train/loss")] == list(range(7))
     reference_state = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     resumed_state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     for name, tensor in reference_state["state_dict"].items():
@@ -132,7 +149,7 @@ def test_sigusr1_under_slurm_saves_requeues_and_exits_138(data, tmp_path):
              "SLURM_NODELIST": "localhost", "SLURM_NTASKS_PER_NODE": "1"}
     out = tmp_path / "run"
     stopped = launch(out, f"data.path={data}", "trainer.max_steps=6", "checkpoint.every_n_train_steps=5",
-                     signal_at=1, signal_name="SIGUSR1", env=slurm)
+                     "logger=none", signal_at=1, signal_name="SIGUSR1", env=slurm)
     assert stopped.returncode == 138, stopped.stderr[-3000:]
     assert last_line(stopped).endswith("; SLURM job 4242 requeued")
     assert calls.read_text().split() == ["requeue", "4242"]
@@ -140,13 +157,14 @@ def test_sigusr1_under_slurm_saves_requeues_and_exits_138(data, tmp_path):
 
 
 def test_ctrl_c_from_outside_saves_and_exits_130(data, tmp_path):
-    """A real SIGINT from another process while training runs: the step in progress ends, is saved, exit 130."""
+    """A real SIGINT from another process while training runs: the step in progress ends, is saved, exit 130.
+    (A second Ctrl-C stops at once: tests/test_outputs.py.)"""
     import signal
     import time
 
     out = tmp_path / "run"
     process = launch(out, f"data.path={data}", "trainer.max_steps=100000", "checkpoint.every_n_train_steps=2",
-                     wait=False)
+                     "logger=none", wait=False)
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step0000002.ckpt").exists() and process.poll() is None:
         assert time.time() < deadline, "the run never reached step 2"

@@ -41,7 +41,7 @@ def data(tmp_path_factory) -> Path:
 def first(data, tmp_path_factory) -> Path:
     """A finished 2-step decay run: its output directory."""
     out = tmp_path_factory.mktemp("first")
-    run(config(data, out))
+    run(config(data, out, "checkpoint.save_top_k=-1"))  # keeps step0000001.ckpt too
     return out
 
 
@@ -94,3 +94,32 @@ def test_changed_optimizer_settings_take_effect_and_are_logged(data, first, tmp_
     assert seen == [pytest.approx(1e-3)]  # the constant schedule at the new lr, from the first resumed step
     text = caplog.text
     assert "optim.lr: 0.005 -> 0.001 takes effect" in text and "trainer.max_steps: 2 -> 3 takes effect" in text
+
+
+def test_what_a_resume_may_change(tmp_path):
+    """The rule of each kind of key (the first that matches wins)."""
+    from dflashtrain.train.resume import rule_for
+
+    verdicts = {key: (rule_for(key) or ("free",))[0] for key in (
+        "loss.gamma", "loss.ce_alpha", "model.drafter.block_size", "model.drafter.markov_rank", "seed",
+        "data.batch_size", "data.shuffle", "trainer.accumulate_grad_batches", "optim.lr", "optim.betas",
+        "trainer.max_steps", "trainer.gradient_clip_val", "trainer.precision", "model.target.path",
+        "model.target.dtype", "data.path", "model.drafter.attention", "model.drafter.logits_chunk_blocks",
+        "logger.name", "checkpoint.every_n_train_steps", "eval.every_n_steps", "paths.output_dir", "resume_from")}
+    assert {k for k, v in verdicts.items() if v == "refuse"} == {
+        "loss.gamma", "loss.ce_alpha", "model.drafter.block_size", "model.drafter.markov_rank", "seed",
+        "data.batch_size", "data.shuffle", "trainer.accumulate_grad_batches"}
+    assert {k for k, v in verdicts.items() if v == "free"} == {
+        "logger.name", "checkpoint.every_n_train_steps", "eval.every_n_steps", "paths.output_dir", "resume_from"}
+
+
+def test_the_data_position_only_continues_over_the_same_rows_and_global_batch(tmp_path):
+    from dflashtrain.train.resume import ResumePoint, check_resume_data
+
+    point = ResumePoint(path=tmp_path / "last.ckpt", checkpoint={"ChatDataModule": {
+        "epoch": 1, "batches_done": 3, "rows": 64, "global_batch_size": 8}, "global_step": 11})
+    check_resume_data(point, 64, 8)
+    with pytest.raises(ConfigError, match="^data.path: gives 63 usable rows, the run .* had 64"):
+        check_resume_data(point, 63, 8)
+    with pytest.raises(ConfigError, match="^parallelism.devices: gives a global batch of 16 rows"):
+        check_resume_data(point, 64, 16)

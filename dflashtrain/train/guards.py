@@ -88,7 +88,7 @@ class NonFiniteGuard(Callback):
     def stop(self, trainer: L.Trainer, what: str, sample_ids: List[int]) -> None:
         """Save the untouched weights, then raise. Called on every rank (saving is collective)."""
         path = unused_path(self.checkpoint_dir / f"{LAST_GOOD.format(step=trainer.global_step)}.ckpt")
-        trainer.save_checkpoint(str(path))
+        trainer.save_checkpoint(str(path), weights_only=False)  # the whole training state (saving, not loading)
         ids = f"sample ids {sample_ids} (JSONL line numbers)" if sample_ids else "sample ids on the reporting rank"
         raise NonFiniteLossError(
             f"non-finite {what} at step {trainer.global_step}, {ids}; stopped before the optimizer step, "

@@ -28,6 +28,7 @@ from typing import Dict, Iterator, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 from dflashtrain.config.schema import ConfigError
 from dflashtrain.export.atomic import remove_partials
@@ -111,10 +112,26 @@ def holds_run(directory: Path, subdir: str) -> bool:
     return (Path(directory) / subdir / "config.yaml").is_file()
 
 
+class Refused(BaseException):
+    """A refusal raised from a Hydra callback: Hydra turns a callback's Exception into a warning and goes on, so the
+    ConfigError travels as the cause of this (the CLI reports the cause, one line, exit 2)."""
+
+
+def refusing(method):
+    def wrapped(self, config: DictConfig, **kwargs) -> None:
+        try:
+            method(self, config, **kwargs)
+        except (ConfigError, OmegaConfBaseException) as error:
+            raise Refused(str(error)) from error
+
+    return wrapped
+
+
 class RunDirGuard(Callback):
     """Hydra callback: refuse (or, when resuming that run, redirect) Hydra's files in a directory holding a run,
     and lock the run directory, all before Hydra writes anything there."""
 
+    @refusing
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if launcher_rank() != 0:
             return
@@ -130,6 +147,7 @@ class RunDirGuard(Callback):
                 config.hydra.output_subdir = f"{subdir}/resume-{n}"
         lock_dir(run_dir, "hydra.run.dir")
 
+    @refusing
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if launcher_rank() != 0:
             return

@@ -118,8 +118,8 @@ class SaveOnStop(L.Callback):
         name = LAST if self.save_last else f"step{step:07d}.ckpt"
         periodic = step % self.every_n_train_steps == 0 and (self.save_last or self.save_top_k != 0)
         self.saved = self.checkpoint_dir / name
-        if not periodic:
-            trainer.save_checkpoint(str(self.saved))
+        if not periodic:  # the whole training state (weights_only here is about saving, not loading)
+            trainer.save_checkpoint(str(self.saved), weights_only=False)
 
 
 def requeue_slurm_job() -> str:
