@@ -45,8 +45,7 @@ class Case:
     key: str = ""  # the key the one error line must start with ("" = any)
     cwd: Optional[Path] = None
     check: Optional[Callable[[], str]] = None  # "" when the expected effect is there, else what is wrong
-    subprocess: bool = False
-    setup: Optional[Callable[[], None]] = None
+    runner: Optional[Callable[["Case", Path], tuple]] = None  # (exit status, stderr); default: in process
 
 
 @dataclass
@@ -97,10 +96,12 @@ def build_world() -> World:
 
     world = World()
     write_chats(world.data, 32)
+    write_chats(ROOT / "other.jsonl", 20)
     for name, args in (("run", []), ("dspark_run", ["loss=dspark"])):
         out = ROOT / name
         code, err = invoke("train", [f"data.path={world.data}", f"paths.output_dir={out}", f"hydra.run.dir={out}",
-                                     "trainer.max_steps=4", "checkpoint.every_n_train_steps=2", *QUIET, *args], ROOT)
+                                     "trainer.max_steps=4", "checkpoint.every_n_train_steps=2", "checkpoint.save_top_k=-1",
+                                     *QUIET, *args], ROOT)
         assert code == 0, err
     code, err = invoke("export", [f"ckpt_path={world.last}", f"output_dir={world.export}"], ROOT)
     assert code == 0, err
@@ -122,7 +123,8 @@ def build_world() -> World:
     for name in ("no_weights", "missing_shard", "no_tokenizer", "truncated_weights"):
         (world.targets[name] / "config.json").write_text(json.dumps(good))
     for name in ("no_weights", "missing_shard", "truncated_weights"):
-        for tokenizer_file in TINY_TARGET_DIR.glob("tokenizer*"):
+        for tokenizer_file in (p for p in TINY_TARGET_DIR.iterdir() if p.name not in ("model.safetensors",
+                                                                                      "config.json")):
             shutil.copy(tokenizer_file, world.targets[name])
     (world.targets["missing_shard"] / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
@@ -136,6 +138,10 @@ def torch_save(obj, path: Path) -> None:
     import torch
 
     torch.save(obj, path)
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def fingerprint(*roots: Path) -> Dict[str, str]:
@@ -185,26 +191,23 @@ def judge(case: Case, code, stderr: str) -> Outcome:
     lines = [line for line in stderr.splitlines() if line.startswith("dflashtrain: ")]
     if code != case.expect:
         return Outcome("wrong", f"exit {code}, expected {case.expect}: {lines[-1] if lines else stderr[-300:]}")
-    if code != 0:
+    if code > 0:  # a refusal or a stop: exactly one line, the last, naming the key
         last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
         if len(lines) != 1 or last != lines[0]:
             return Outcome("wrong", f"{len(lines)} dflashtrain lines: {lines}")
-        body = lines[0].split(": ", 2)[-1] if lines[0].count(": ") >= 2 else ""
-        if case.key and not lines[0].split(": ", 1)[1].split(": ", 1)[-1].startswith(case.key) \
-                and not body.startswith(case.key):
-            return Outcome("wrong", f"names another key than {case.key}: {lines[0]}")
+        body = lines[0].split(": ", 2)[2] if lines[0].count(": ") >= 2 else ""
+        if not body.startswith(case.key):
+            return Outcome("wrong", f"names another key than {case.key!r}: {lines[0]}")
     problem = case.check() if case.check else ""
-    return Outcome("wrong", problem) if problem else Outcome("clean", lines[0] if lines else "ok")
+    return Outcome("wrong", problem) if problem else Outcome("clean", lines[0] if lines else f"exit {code}")
 
 
 def run_case(case: Case, world: World) -> Outcome:
     cwd = case.cwd or Path(tempfile.mkdtemp(dir=ROOT, prefix="case-"))
     protected = (world.run, world.dspark_run, world.export, world.models)
     before = fingerprint(*protected)
-    if case.setup:
-        case.setup()
     started = time.perf_counter()
-    code, stderr = (launch if case.subprocess else invoke)(case.entry, case.args, cwd)
+    code, stderr = case.runner(case, cwd) if case.runner else invoke(case.entry, case.args, cwd)
     outcome = judge(case, code, stderr)
     after = fingerprint(*protected)
     if after != before or world.marker.exists():
@@ -226,7 +229,7 @@ def train_cases(world: World) -> List[Case]:
         "model.drafter.block_size": ["0", "1", "-3", "eight", "1.5"],
         "model.drafter.num_layers": ["0", "-1"],
         "model.drafter.num_taps": ["0", "99"],
-        "model.drafter.target_layer_ids": ["[]", "[99]", "[-1]", "[1,1,1]", "[1,3,7]", "[1,3]"],
+        "model.drafter.target_layer_ids": ["[]", "[99,1,2]", "[-1,1,2]", "[1,1,1]", "[1,3,7]"],
         "model.drafter.mask_token_id": ["-1", "999999", "345"],
         "model.drafter.intermediate_size": ["0", "-5"],
         "model.drafter.logits_chunk_blocks": ["0"],
@@ -277,6 +280,7 @@ def train_cases(world: World) -> List[Case]:
               for a in ("loss.ce_alpha=-1", "loss.l1_alpha=nan", "loss.conf_alpha=inf",
                         "loss.ce_alpha=0 loss.l1_alpha=0", "model.drafter.markov_rank=0")]
     cases += [bad(name, *args, key=key) for name, args, key in [
+        ("two taps listed, three asked for", ["model.drafter.target_layer_ids=[1,3]"], "model.drafter.num_taps"),
         ("unknown top-level key", ["+foo=1"], "foo"),
         ("unknown data key", ["data.bogus=1"], "data.bogus"),
         ("+ typo in data", ["+data.typo=1"], "data.typo"),
@@ -329,7 +333,7 @@ def resume_cases(world: World) -> List[Case]:
 
     def resume(name: str, path: Path, *args: str, key: str = "resume_from", expect: int = 2, out: str = "") -> Case:
         return Case(name, "train", [*base, "trainer.max_steps=6", f"resume_from={path}",
-                                    f"paths.output_dir={out or ROOT / ('out-' + name.replace(' ', '_'))}", *args],
+                                    f"paths.output_dir={out or ROOT / ('out-' + slug(name))}", *args],
                     expect=expect, key=key)
 
     return [
@@ -377,11 +381,13 @@ def eval_export_cases(world: World) -> List[Case]:
     short = ["num_prompts=2", "max_new_tokens=4", "baseline=false"]
 
     def ev(name: str, *args: str, key: str = "", expect: int = 2, cwd: Optional[Path] = None) -> Case:
-        return Case(name, "evaluate", [*args, f"output_dir={ROOT / ('eval-' + name.replace(' ', '_'))}"],
+        return Case(name, "evaluate", [*args, f"output_dir={ROOT / ('eval-' + slug(name))}"],
                     expect=expect, key=key, cwd=cwd)
 
     def ex(name: str, *args: str, key: str = "", expect: int = 2, cwd: Optional[Path] = None,
-           check: Optional[Callable[[], str]] = None) -> Case:
+           check: Optional[Callable[[], str]] = None, setup: Optional[Callable[[], None]] = None) -> Case:
+        if setup:
+            setup()
         return Case(name, "export", list(args), expect=expect, key=key, cwd=cwd, check=check)
 
     def kept(path: Path, name: str) -> Callable[[], str]:
@@ -414,6 +420,9 @@ def eval_export_cases(world: World) -> List[Case]:
         ev("eval unknown key", f"ckpt_path={world.last}", "bogus=1", key="bogus"),
         Case("eval output dir under a file", "evaluate", [f"ckpt_path={world.last}", *short,
                                                           f"output_dir={ROOT / 'a_file' / 'eval'}"], key="output_dir"),
+        ev("eval device=tpu", f"ckpt_path={world.last}", "device=tpu", key="device"),
+        ev("eval device=cuda:7", f"ckpt_path={world.last}", "device=cuda:7", key="device"),
+        ev("eval prompts is a directory", f"ckpt_path={world.last}", f"data.eval_path={ROOT}", key="data.eval_path"),
         ev("eval a real checkpoint", f"ckpt_path={world.last}", *short, expect=0),
         ex("export ckpt missing", "ckpt_path=/nope.ckpt", f"output_dir={ROOT / 'x1'}", key="ckpt_path"),
         ex("export ckpt random bytes", f"ckpt_path={garbage}", f"output_dir={ROOT / 'x2'}", key="ckpt_path"),
@@ -432,6 +441,8 @@ def eval_export_cases(world: World) -> List[Case]:
            key="output_dir"),
         ex("export beside a foreign .incomplete", f"ckpt_path={world.last}", f"output_dir={ROOT / 'drafter'}",
            key="output_dir", check=kept(incomplete, "keep.txt")),
+        ex("export beside a live export", f"ckpt_path={world.last}", f"output_dir={ROOT / 'busy'}", key="output_dir",
+           setup=live_staging(ROOT / "busy.incomplete")),
         ex("export dtype=fp8", f"ckpt_path={world.last}", f"output_dir={ROOT / 'x5'}", "dtype=fp8", key="dtype"),
         ex("export target missing", f"ckpt_path={world.last}", f"output_dir={ROOT / 'x6'}", "target_path=/nope",
            key="target_path"),
@@ -444,27 +455,68 @@ def eval_export_cases(world: World) -> List[Case]:
     ]
 
 
+def live_staging(staging: Path) -> Callable[[], None]:
+    """An export in progress: its staging directory, marked with a live process (this one)."""
+    def make() -> None:
+        import socket
+
+        staging.mkdir(parents=True)
+        (staging / ".dflashtrain-staging").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    return make
+
+
 def fault_cases(world: World) -> List[Case]:
-    """Real processes: signals, kills, a full disk, a second live run."""
+    """Real processes: signals from outside, a full disk, a second live run, an export beside a live one."""
     base = [f"data.path={world.data}", *QUIET]
     cases = []
     for signame, code in (("SIGTERM", 143), ("SIGUSR1", 138), ("SIGINT", 130)):
         out = ROOT / f"signal-{signame}"
-        cases.append(Case(f"{signame} mid-run saves and exits {code}", "train",
+        cases.append(Case(f"{signame} from outside mid-run", "train",
                           [*base, f"paths.output_dir={out}", "trainer.max_steps=100000",
-                           "checkpoint.every_n_train_steps=50"], expect=code,
-                          check=lambda out=out: "" if (out / "checkpoints" / "last.ckpt").is_file() else "no last.ckpt"))
+                           "checkpoint.every_n_train_steps=1"], expect=code, runner=signalled(signame, out),
+                          check=lambda out=out: "" if loads(out / "checkpoints" / "last.ckpt") else "no last.ckpt"))
+    out = ROOT / "sigterm-early"
+    cases.append(Case("SIGTERM while the data is read", "train", [*base, f"paths.output_dir={out}"], expect=-15,
+                      runner=signalled("SIGTERM", out, wait_for=None)))
     full = ROOT / "full-disk"
-
-    def copy_run():
-        shutil.copytree(world.run, full)
-
     cases.append(Case("full disk at the next checkpoint", "train",
                       [*base, f"paths.output_dir={full}", f"hydra.run.dir={full}", "trainer.max_steps=6",
                        "checkpoint.every_n_train_steps=1", f"resume_from={full / 'checkpoints' / 'last.ckpt'}"],
-                      expect=5, key="checkpoint", subprocess=True, setup=copy_run,
+                      expect=5, key="checkpoint", runner=on_a_small_disk(world.run, full),
                       check=lambda: "" if all(loads(p) for p in (full / "checkpoints").glob("*.ckpt")) and not
                       list(full.rglob("*.partial-*")) else "a checkpoint does not load, or a partial file is left"))
+    export_full = ROOT / "export-full"
+    cases.append(Case("full disk during an export over a previous one", "export",
+                      [f"ckpt_path={world.last}", f"output_dir={export_full / 'drafter'}", "overwrite=true"],
+                      expect=5, key="output_dir", runner=on_a_small_disk(world.export, export_full / "drafter"),
+                      check=lambda: "" if (export_full / "drafter" / "model.safetensors").is_file() else "export gone"))
+    killed = ROOT / "killed"
+    cases.append(Case("kill -9 mid-run, then resume_from=auto", "train",
+                      [*base, f"paths.output_dir={killed}", "trainer.max_steps=6", "resume_from=auto"], expect=0,
+                      runner=after_a_kill(base, killed),
+                      check=lambda: "" if step(killed / "checkpoints" / "last.ckpt") == 6 else "not at step 6"))
+    twice = ROOT / "twice"
+    cases.append(Case("Ctrl-C twice", "train", [*base, f"paths.output_dir={twice}", "trainer.max_steps=100000",
+                                                "checkpoint.every_n_train_steps=1"], expect=130, key="SIGINT",
+                      runner=signalled("SIGINT", twice, repeat=True)))
+    diverged = ROOT / "diverged"
+    cases.append(Case("diverged at lr 1e30, then resume from last-good with a lower lr", "train",
+                      [*base, f"paths.output_dir={diverged / 'again'}", "trainer.max_steps=30", "optim.lr=1e-3"],
+                      expect=3, key="non-finite", runner=after_divergence(base, diverged)))  # its weights are huge
+    no_last = ROOT / "no-last"
+    cases.append(Case("save_last=false still saves the final step", "train",
+                      [*base, f"paths.output_dir={no_last}", "trainer.max_steps=3", "checkpoint.save_last=false",
+                       "checkpoint.every_n_train_steps=2"], expect=0, runner=in_a_subprocess,
+                      check=lambda: "" if step(no_last / "checkpoints" / "step0000003.ckpt") == 3 else "no step 3"))
+    epochs = ROOT / "one-epoch"
+    cases.append(Case("max_epochs=1 ends with last.ckpt at the epoch's end", "train",
+                      [*base, f"paths.output_dir={epochs}", "trainer.max_steps=100000", "trainer.max_epochs=1"],
+                      expect=0, runner=in_a_subprocess,
+                      check=lambda: "" if step(epochs / "checkpoints" / "last.ckpt") == 8 else "last.ckpt not step 8"))
+    live = ROOT / "live"
+    cases.append(Case("a second run on a live run's directory", "train",
+                      [*base, f"paths.output_dir={live}", "trainer.max_steps=2"], key="paths.output_dir",
+                      runner=beside_a_live_run(base, live)))
     return cases
 
 
@@ -478,28 +530,95 @@ def loads(path: Path) -> bool:
         return False
 
 
-def run_signal_case(case: Case, signame: str) -> Outcome:
-    """Start training, wait for its first checkpoint, send the signal from outside, judge the exit."""
-    out = Path(case.args[[a.startswith("paths.output_dir=") for a in case.args].index(True)].split("=", 1)[1])
-    command = [sys.executable, "-c", "from dflashtrain.cli import train; train()", *case.args,
-               "checkpoint.every_n_train_steps=1"]
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    environment.pop("HYDRA_FULL_ERROR", None)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env=environment)
-    deadline = time.time() + 600
-    while not (out / "checkpoints" / "step0000001.ckpt").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(getattr(signal, signame))
-    _, stderr = process.communicate(timeout=600)
-    return judge(case, process.returncode, stderr)
+def step(path: Path) -> int:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"] if path.is_file() else -1
 
 
-def small_disk(limit: int):
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
+def in_a_subprocess(case: Case, cwd: Path) -> tuple:
+    return launch(case.entry, case.args, cwd)
+
+
+def after_a_kill(base: List[str], out: Path):
+    """kill -9 a run once it saved step 2, then run the case (which continues it)."""
+    def run(case: Case, cwd: Path) -> tuple:
+        first = subprocess.Popen([sys.executable, "-c", "from dflashtrain.cli import train; train()", *base,
+                                  f"paths.output_dir={out}", "trainer.max_steps=6",
+                                  "checkpoint.every_n_train_steps=2"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, cwd=cwd)
+        deadline = time.time() + 600
+        while not (out / "checkpoints" / "step0000002.ckpt").exists() and first.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        first.kill()
+        first.wait()
+        return launch(case.entry, case.args, cwd)
+    return run
+
+
+def after_divergence(base: List[str], out: Path):
+    """A run that diverges (exit 3, last-good checkpoint), then the case resumes from that checkpoint."""
+    def run(case: Case, cwd: Path) -> tuple:
+        code, stderr = launch("train", [*base, f"paths.output_dir={out}", "optim.lr=1e30", "trainer.max_steps=30",
+                                        "trainer.gradient_clip_val=null"], cwd)
+        good = sorted((out / "checkpoints").glob("last-good-step*.ckpt"))
+        if code != 3 or not good:
+            return code, stderr + "\nthe run meant to diverge did not"
+        return launch(case.entry, [*case.args, f"resume_from={good[0]}"], cwd)
+    return run
+
+
+def signalled(signame: str, out: Path, wait_for: Optional[str] = "checkpoints/step0000001.ckpt", repeat=False):
+    """Start the run, wait until ``wait_for`` exists (None: until it has started reading), then signal it (twice,
+    50 ms apart, with ``repeat``)."""
+    def run(case: Case, cwd: Path) -> tuple:
+        command = [sys.executable, "-c", f"from dflashtrain.cli import {case.entry}; {case.entry}()", *case.args]
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        environment.pop("HYDRA_FULL_ERROR", None)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                                   env=environment)
+        deadline = time.time() + 600
+        target = out / wait_for if wait_for else out / ".dflashtrain.lock"
+        while not target.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        process.send_signal(getattr(signal, signame))
+        if repeat:
+            time.sleep(0.05)
+            process.send_signal(getattr(signal, signame))
+        _, stderr = process.communicate(timeout=600)
+        return process.returncode, stderr
+    return run
+
+
+def on_a_small_disk(source: Path, copy: Path):
+    """Copy ``source`` to ``copy``, then run the case under a file-size limit of half its smallest big file."""
+    def run(case: Case, cwd: Path) -> tuple:
+        shutil.copytree(source, copy)
+        size = min(p.stat().st_size for p in copy.rglob("*") if p.suffix in (".ckpt", ".safetensors"))
+
+        def limit():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+        return launch(case.entry, case.args, cwd, preexec=limit)
+    return run
+
+
+def beside_a_live_run(base: List[str], out: Path):
+    def run(case: Case, cwd: Path) -> tuple:
+        command = [sys.executable, "-c", "from dflashtrain.cli import train; train()", *base,
+                   f"paths.output_dir={out}", "trainer.max_steps=100000", "checkpoint.every_n_train_steps=1"]
+        first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
+        deadline = time.time() + 600
+        while not (out / "checkpoints" / "step0000001.ckpt").exists() and first.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.1)
+        try:
+            return launch(case.entry, case.args, cwd)
+        finally:
+            first.send_signal(signal.SIGTERM)
+            first.wait(timeout=600)
+    return run
 
 
 def main() -> None:
@@ -515,17 +634,7 @@ def main() -> None:
              if args.k in c.name]
     counts: Counter = Counter()
     for case in cases:
-        if case.name.startswith(("SIGTERM", "SIGUSR1", "SIGINT")):
-            outcome = run_signal_case(case, case.name.split()[0])
-        elif case.name.startswith("full disk"):
-            case.setup()
-            size = min(p.stat().st_size for p in (full_dir := Path(case.args[1].split("=", 1)[1])).glob(
-                "checkpoints/*.ckpt"))
-            code, stderr = launch(case.entry, case.args, ROOT, preexec=small_disk(size // 2))
-            outcome = judge(case, code, stderr)
-            del full_dir
-        else:
-            outcome = run_case(case, world)
+        outcome = run_case(case, world)
         counts[outcome.kind] += 1
         print(f"{outcome.kind:9s} {case.entry:8s} {case.name}: {outcome.detail}", flush=True)
     print(f"\n{len(cases)} cases: " + ", ".join(f"{counts[k]} {k}" for k in ("clean", "traceback", "wrong",

@@ -22,7 +22,8 @@ import torch
 from conftest import write_count_up_chats
 
 TESTS = Path(__file__).resolve().parent
-QUIET = ["trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "eval.every_n_steps=0", "data.batch_size=4"]
+QUIET = ["trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "eval.every_n_steps=0",
+         "data.batch_size=4"]
 
 
 def launch(out: Path, *overrides: str, signal_at: int = 0, signal_name: str = "SIGKILL", env=None, wait=True):

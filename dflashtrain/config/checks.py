@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, List
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dflashtrain.config.machine import uses_cuda, validate_machine
 from dflashtrain.config.schema import LOSS_SCHEMAS, ConfigError, Strategy, TrainConfig
@@ -97,8 +98,13 @@ def check_finite(node: Any, prefix: str = "") -> None:
     """No nan or inf anywhere: every number of the config is finite (null is how a setting is switched off)."""
     if OmegaConf.is_dict(node):
         for key in node.keys():
-            if key != "hydra":
-                check_finite(node._get_node(key) if OmegaConf.is_missing(node, key) else node[key], f"{prefix}{key}.")
+            if key == "hydra" or OmegaConf.is_missing(node, key):
+                continue
+            try:
+                value = node[key]
+            except OmegaConfBaseException:  # an interpolation that resolves only inside the app (${hydra:...})
+                continue
+            check_finite(value, f"{prefix}{key}.")
     elif OmegaConf.is_list(node):
         for i, item in enumerate(node):
             check_finite(item, f"{prefix[:-1]}[{i}].")
@@ -210,7 +216,8 @@ def objective_family(cfg: DictConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the target directory
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 # What the drafter reads from the target's config (docs/architecture.md, geometry): a decoder-only causal LM with
 # RMSNorm and grouped-query attention, the Qwen3 / Llama layout.

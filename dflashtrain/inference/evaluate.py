@@ -88,6 +88,22 @@ def validate_eval(cfg: DictConfig) -> None:
             raise ConfigError("d2sd_branches", f"must be >= 1, got {cfg.d2sd_branches}")
     if cfg.drafter_dir is not None and cfg.model.target.path is None:
         raise ConfigError("model.target.path", "is required with drafter_dir (an exported drafter records no target)")
+    check_device(cfg.device)
+
+
+def check_device(name: str) -> None:
+    """auto, cpu, or a CUDA device that exists (cuda, cuda:<n>)."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:<n>; got {name!r}")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= visible:
+        raise ConfigError("device", f"{name} asked for, but {visible} CUDA devices are visible")
 
 
 def check_pairing(drafter: Any, config: Any) -> None:

@@ -78,7 +78,8 @@ class SaveOnStop(L.Callback):
 
     def handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
-            raise Interrupted("second Ctrl-C: stopped without saving")
+            raise Interrupted("SIGINT: a second Ctrl-C stopped the run at once; the checkpoints already written are "
+                              "whole")
         if self.received is None:
             self.received = signum
             log.warning("%s received: saving a resumable checkpoint at the end of this step%s",

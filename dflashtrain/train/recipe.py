@@ -1,7 +1,9 @@
 """The training recipe, top to bottom: check the config, build the parts, fit.
 
-Every check that can fail runs before any weight is loaded or any output is written. ``run`` validates and fits;
-the CLI, which has validated already (before importing torch), calls ``fit``.
+Every check that can fail runs before any weight is loaded; nothing is written before the output directory is
+locked and known to hold no other run's outputs. ``run`` validates and fits; the CLI, which has validated already
+(before importing torch), calls ``fit``. A stop signal ends the fit with :class:`Preempted` after a checkpoint
+(train/preemption.py); a resume is read and checked first (train/resume.py).
 """
 
 from __future__ import annotations
