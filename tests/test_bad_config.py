@@ -181,6 +181,16 @@ def test_cli_prints_one_line_and_exits_2(inputs, tmp_path, overrides, key):
     assert not out.exists()  # nothing written: no output dir, so no checkpoint
 
 
+def test_hydra_full_error_shows_hydras_own_traceback(inputs, tmp_path, monkeypatch):
+    import dflashtrain.cli as cli
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["dflashtrain", *base_overrides(inputs, tmp_path / "out"), "data.bogus=1"])
+    with pytest.raises(ConfigCompositionException, match="data.bogus"):  # raised, not reduced to one line
+        cli.train()
+
+
 def test_cli_refuses_a_null_config_group_in_one_line(inputs, tmp_path):
     """`loss=null` fails inside Hydra's composition with a ValueError: still one line naming the group, exit 2."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

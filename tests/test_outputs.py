@@ -246,3 +246,26 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert exit_code(info.value) == 130 and not isinstance(info.value, Exception)
     assert exit_code(KeyboardInterrupt()) == 130 and one_line(KeyboardInterrupt()).startswith("SIGINT: interrupted")
     assert exit_code(Preempted(signal.SIGTERM, 3, tmp_path / "last.ckpt")) == 143
+
+
+def test_a_failed_metrics_rewrite_keeps_the_old_file(tmp_path, monkeypatch):
+    first = CSVMetrics(tmp_path, None)
+    first.log_metrics({"train/loss": 1.0}, step=0)
+    first.log_metrics({"train/loss": 0.5}, step=1)
+    first.save()
+    before = digest(tmp_path / "metrics.csv")
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OutputWriteError, match="^logger: cannot write .*metrics.csv: No space left on device"):
+        CSVMetrics(tmp_path, resume_step=1)
+    assert digest(tmp_path / "metrics.csv") == before and partials(tmp_path) == []
+
+
+@pytest.mark.parametrize("output", ["csv/metrics.csv", "tensorboard/events.out.tfevents.1.host", "hpc_ckpt_1.ckpt"])
+def test_a_new_run_never_writes_beside_another_runs_metrics(tmp_path, output):
+    from dflashtrain.train.outputs import claimed_output_dir
+
+    (tmp_path / output).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / output).write_text("another run's")
+    with pytest.raises(ConfigError, match=f"already holds another run's outputs \\({output}\\)"):
+        with claimed_output_dir(str(tmp_path), None):
+            pass

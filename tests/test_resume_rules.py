@@ -123,3 +123,20 @@ def test_the_data_position_only_continues_over_the_same_rows_and_global_batch(tm
         check_resume_data(point, 63, 8)
     with pytest.raises(ConfigError, match="^parallelism.devices: gives a global batch of 16 rows"):
         check_resume_data(point, 64, 16)
+
+
+def test_auto_resumes_from_the_newest_checkpoint(tmp_path):
+    """kill -9 between a periodic save's two writes leaves stepN.ckpt newer than last.ckpt: auto takes the newer."""
+    from dflashtrain.train.resume import newest_checkpoint
+
+    def save(name, step):
+        torch.save({"dflashtrain": {"geometry": {}, "family": "dflash"}, "global_step": step}, tmp_path / name)
+
+    assert newest_checkpoint(tmp_path) is None
+    save("last-good-step0000009.ckpt", 9)
+    assert newest_checkpoint(tmp_path) is None  # never resumed from by itself
+    save("last.ckpt", 4)
+    save("step0000004.ckpt", 4)
+    assert newest_checkpoint(tmp_path).name == "last.ckpt"
+    save("step0000006.ckpt", 6)
+    assert newest_checkpoint(tmp_path).name == "step0000006.ckpt"

@@ -146,8 +146,8 @@ def _validate_run(cfg: DictConfig) -> None:
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError("seed", f"must be in [0, 2**32), got {cfg.seed}")
     if cfg.resume_from not in (None, "auto") and not os.path.isfile(cfg.resume_from):
-        raise ConfigError("resume_from", f"file not found: {cfg.resume_from} (auto: resume from "
-                                         "<paths.output_dir>/checkpoints/last.ckpt when it exists)")
+        raise ConfigError("resume_from", f"file not found: {cfg.resume_from} (auto: resume from the newest "
+                                         "checkpoint in <paths.output_dir>/checkpoints, if any)")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -287,7 +287,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
-    resume_from: Optional[str] = None  # a .ckpt of a previous run; auto: <output_dir>/checkpoints/last.ckpt if any
+    resume_from: Optional[str] = None  # a .ckpt of a previous run; auto: the newest in <output_dir>/checkpoints
     eval: TauEvalConfig = field(default_factory=TauEvalConfig)
 
 

@@ -5,7 +5,8 @@ records itself; at the end of the optimizer step in progress (never inside an ac
 half-accumulated is lost) every rank agrees to stop, the state is saved as a periodic checkpoint would be
 (``last.ckpt``), and the run ends with :class:`Preempted`: exit status 128 + the signal (143 SIGTERM, 138 SIGUSR1,
 130 SIGINT). SIGUSR1 under SLURM also requeues the job (``scontrol requeue``), as Lightning's own SLURM support
-does; with a fixed ``paths.output_dir`` and ``resume_from=auto`` the requeued job continues where this one stopped.
+does; with a fixed ``paths.output_dir`` and ``resume_from=auto`` the requeued job continues from the newest
+checkpoint there.
 A second Ctrl-C stops at once (:class:`Interrupted`, exit 130) and keeps the last checkpoint written.
 
 The step a run finishes on is always in ``last.ckpt`` too (Lightning saves only every

@@ -85,13 +85,23 @@ class ResumePoint:
         return any(change.startswith(RESCHEDULES) for change in self.applied)
 
 
+def newest_checkpoint(directory: Path) -> Optional[Path]:
+    """The latest step among ``last.ckpt`` and ``stepNNNNNNN.ckpt`` in ``directory`` (a kill between the two
+    writes of a periodic save leaves the step file newer); last-good checkpoints are never picked by themselves."""
+    steps = {p: int(p.stem[4:]) for p in directory.glob("step*.ckpt") if p.stem[4:].isdigit()}
+    last = directory / "last.ckpt"
+    if last.is_file():
+        steps[last] = int(read_checkpoint(last, "resume_from").get("global_step", -1))
+    return max(steps, key=lambda p: (steps[p], p == last)) if steps else None
+
+
 def resume_path(cfg: DictConfig) -> Optional[Path]:
-    """The checkpoint to resume from: resume_from, or for ``auto`` <paths.output_dir>/checkpoints/last.ckpt if any."""
+    """The checkpoint to resume from: resume_from, or for ``auto`` the newest in <paths.output_dir>/checkpoints."""
     if cfg.resume_from is None:
         return None
     if cfg.resume_from == "auto":
-        last = Path(cfg.paths.output_dir, "checkpoints", "last.ckpt")
-        return last.resolve() if last.is_file() else None
+        newest = newest_checkpoint(Path(cfg.paths.output_dir, "checkpoints"))
+        return newest.resolve() if newest is not None else None
     return Path(cfg.resume_from).resolve()
 
 
@@ -100,9 +110,11 @@ def load_resume_point(cfg: DictConfig) -> Optional[ResumePoint]:
     path = resume_path(cfg)
     if path is None:
         if cfg.resume_from == "auto":
-            log.info("resume_from=auto: no %s yet, starting a new run",
-                     Path(cfg.paths.output_dir, "checkpoints", "last.ckpt"))
+            log.info("resume_from=auto: no checkpoint in %s yet, starting a new run",
+                     Path(cfg.paths.output_dir, "checkpoints"))
         return None
+    if cfg.resume_from == "auto":
+        log.info("resume_from=auto: resuming from %s", path)
     checkpoint = read_checkpoint(path, "resume_from")
     missing = [key for key in TRAINING_STATE if key not in checkpoint]
     if missing:
