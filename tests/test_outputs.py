@@ -160,7 +160,7 @@ def test_default_run_directories_are_unique_within_one_second(tmp_path):
                for _ in range(4)]
     claimed = sorted(worker.communicate(timeout=300)[0].strip() for worker in workers)
     assert claimed == sorted([path, f"{path}_1", f"{path}_2", f"{path}_3"])
-    assert claim_dir(path) == f"{path}_4" and claim_dir(path) == f"{path}_4"  # claimed once per process
+    assert claim_dir(path) == f"{path}_4" and claim_dir(path) == f"{path}_5"  # a new run of this process, a new one
 
 
 def test_hydra_files_of_an_existing_run_are_never_overwritten(tmp_path):

@@ -170,7 +170,9 @@ def validate(cfg: DictConfig) -> None:
         _at_least("model.drafter.mask_token_id", drafter.mask_token_id, 0)
     if drafter.intermediate_size is not None:
         _positive("model.drafter.intermediate_size", drafter.intermediate_size)
-    check_target_config_file(cfg.model.target.path, "model.target.path")
+    if not Path(cfg.model.target.path, "config.json").is_file():  # its contents: load_target_config, before weights
+        raise ConfigError("model.target.path", f"no Hugging Face model directory (config.json) at "
+                                               f"{cfg.model.target.path!r}")
 
     data = cfg.data
     _positive("data.num_anchors", data.num_anchors)

@@ -39,7 +39,6 @@ RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "OMPI_COMM_
 RUN_OUTPUTS = ("checkpoints/*.ckpt", "hpc_ckpt_*.ckpt", "csv/metrics.csv", "tensorboard/events.out.tfevents.*")
 
 _held: Dict[str, int] = {}  # real path of a locked directory -> the open lock file descriptor
-_claimed: Dict[str, str] = {}  # unique_dir argument -> the directory claimed for it in this process
 
 
 def launcher_rank() -> int:
@@ -87,9 +86,8 @@ def unlock_dir(directory: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- run directories
 def claim_dir(path: str) -> str:
-    """The ``unique_dir`` resolver: ``path`` if this call creates it, else the first free ``path_<n>``."""
-    if path in _claimed:
-        return _claimed[path]
+    """The ``unique_dir`` resolver: ``path`` if this call creates it, else the first free ``path_<n>``. OmegaConf
+    caches a resolver's value in the config (and in Hydra's copies of it), so a run claims once."""
     if launcher_rank() != 0:  # the other ranks of a run use rank 0's directory, they do not claim one
         return path
     base = Path(path)
@@ -104,8 +102,7 @@ def claim_dir(path: str) -> str:
                 continue
     except OSError as error:
         raise ConfigError("hydra.run.dir", f"cannot create {base}: {error.strerror or error}") from None
-    _claimed[path] = str(candidate)
-    return _claimed[path]
+    return str(candidate)
 
 
 def holds_run(directory: Path, subdir: str) -> bool:
