@@ -3,7 +3,8 @@ from last.ckpt repeats the uninterrupted run's loss curve bit for bit on CPU, an
 checkpoint and exit 128 + the signal.
 
 Every run here is a real `dflashtrain` process (tests/signalled.py sends the signal from inside a step). The data has
-32 rows in batches of 4, so an epoch is 8 batches and every resume below crosses an epoch boundary. Losses are
+32 rows in batches of 4, so an epoch is 8 batches: the resumes below start at an epoch's end, in the middle of one
+and before one. Losses are
 compared as the CSV logger writes them (Python's shortest exact float repr), in the directory the run was resumed
 into, which also shows that a resumed run continues its metrics.csv instead of overwriting it.
 """
@@ -70,7 +71,7 @@ def data(tmp_path_factory) -> Path:
     return write_count_up_chats(tmp_path_factory.mktemp("data") / "train.jsonl", 32)
 
 
-DECAY = ["logger=csv", "trainer.max_steps=12", "checkpoint.every_n_train_steps=5"]
+DECAY = ["logger=csv", "trainer.max_steps=13", "checkpoint.every_n_train_steps=4"]
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +83,11 @@ def decay_reference(data, tmp_path_factory) -> Path:
 
 
 def test_the_final_step_is_in_last_ckpt_with_the_random_states(decay_reference):
-    """12 steps, checkpoints every 5: Lightning alone would leave step 10 in last.ckpt."""
+    """13 steps, checkpoints every 4: Lightning alone would leave step 12 in last.ckpt."""
     from dflashtrain.train.resume import rng_state, set_rng_state
 
     checkpoint = torch.load(decay_reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert checkpoint["global_step"] == 12 and sorted(losses(decay_reference)) == list(range(12))
+    assert checkpoint["global_step"] == 13 and sorted(losses(decay_reference)) == list(range(13))
     saved = next(state["rng"] for key, state in checkpoint["callbacks"].items() if key.startswith("ResumeState"))
     assert {"python", "numpy", "torch"} <= set(saved)
     here = rng_state()
@@ -97,13 +98,13 @@ def test_the_final_step_is_in_last_ckpt_with_the_random_states(decay_reference):
 
 def test_kill_9_then_resume_repeats_the_loss_curve_bitwise(data, decay_reference, tmp_path):
     out = tmp_path / "run"
-    killed = launch(out, f"data.path={data}", *DECAY, signal_at=7, signal_name="SIGKILL")
+    killed = launch(out, f"data.path={data}", *DECAY, signal_at=9, signal_name="SIGKILL")
     assert killed.returncode == -9
-    assert step_of(out / "checkpoints" / "last.ckpt") == 5
+    assert step_of(out / "checkpoints" / "last.ckpt") == 8  # the end of epoch 0: the resume starts epoch 1
     resumed = launch(out, f"data.path={data}", *DECAY, f"resume_from={out / 'checkpoints' / 'last.ckpt'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert losses(out) == losses(decay_reference)  # steps 0..4 from the killed run, 5..11 resumed: all identical
-    assert step_of(out / "checkpoints" / "last.ckpt") == 12
+    assert losses(out) == losses(decay_reference)  # steps 0..7 from the killed run, 8..12 resumed: all identical
+    assert step_of(out / "checkpoints" / "last.ckpt") == 13
 
 
 def test_sigterm_saves_exits_143_and_resumes_bitwise(data, decay_reference, tmp_path):

@@ -130,42 +130,13 @@ def train(cfg: DictConfig, output_dir: Path, resume: Optional[ResumePoint], targ
     checkpoint_cfg = cfg.checkpoint
     stop = SaveOnStop(checkpoint_dir, checkpoint_cfg.every_n_train_steps, checkpoint_cfg.save_last,
                       checkpoint_cfg.save_top_k)
-    trainer = L.Trainer(
-        default_root_dir=str(output_dir),
-        max_steps=cfg.trainer.max_steps,
-        max_epochs=cfg.trainer.max_epochs,
-        accelerator=cfg.trainer.accelerator,
-        strategy=build_strategy(cfg.parallelism),
-        devices=cfg.parallelism.devices,
-        num_nodes=cfg.parallelism.num_nodes,
-        precision=cfg.trainer.precision,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
-        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        enable_progress_bar=cfg.trainer.enable_progress_bar,
-        deterministic=cfg.trainer.deterministic,
-        logger=build_loggers(cfg, output_dir, resume.step if resume else None),
-        plugins=[SafeCheckpointIO()],
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=str(checkpoint_dir),
-                filename="step{step:07d}",
-                auto_insert_metric_name=False,
-                every_n_train_steps=checkpoint_cfg.every_n_train_steps,
-                save_last=checkpoint_cfg.save_last,
-                save_top_k=checkpoint_cfg.save_top_k,
-                monitor="step",
-                mode="max",
-            ),
-            NonFiniteGuard(checkpoint_dir),  # stops on a NaN/inf loss or gradient before it reaches the weights
-            ResumeState(optim, lr_factor, reschedule=resume is not None and resume.reschedule),
-            stop,  # a resumable checkpoint at the final step and on SIGTERM / SIGUSR1 / SIGINT
-            *build_tau_eval(cfg, tokenizer),
-        ],
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # the datamodule shards global batches itself (data/sampling.py)
-        enable_model_summary=False,
-    )
+    callbacks = [
+        NonFiniteGuard(checkpoint_dir),  # stops on a NaN/inf loss or gradient before it reaches the weights
+        ResumeState(optim, lr_factor, reschedule=resume is not None and resume.reschedule),
+        stop,  # a resumable checkpoint at the final step and on SIGTERM / SIGUSR1 / SIGINT
+        *build_tau_eval(cfg, tokenizer),
+    ]
+    trainer = build_trainer(cfg, output_dir, resume, callbacks)
     if resume is not None:
         check_resume_data(resume, len(datamodule.train_set), trainer.world_size * data.batch_size)
 
@@ -204,6 +175,52 @@ def train(cfg: DictConfig, output_dir: Path, resume: Optional[ResumePoint], targ
     log.info("objective %s (family %s): %s", objective.name, family.name,  # e.g. D-PACE's reduction, stated once
              ", ".join(f"{key} {value}" for key, value in loss_settings.items()))
 
+    fit_until_stopped(trainer, module, datamodule, resume, stop)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("finished at step %d: %s", trainer.global_step,
+             ", ".join(f"{k}={metrics[k]:.4f}" for k in ("train/loss", "train/acc", "train/tau_est") if k in metrics))
+    return metrics
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, resume: Optional[ResumePoint], callbacks: List[Any]) -> L.Trainer:
+    """The Lightning Trainer: atomic, weights-only checkpoint I/O; periodic checkpoints; the loggers."""
+    checkpoint_cfg = cfg.checkpoint
+    periodic = ModelCheckpoint(
+        dirpath=str(output_dir / "checkpoints"),
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=checkpoint_cfg.every_n_train_steps,
+        save_last=checkpoint_cfg.save_last,
+        save_top_k=checkpoint_cfg.save_top_k,
+        monitor="step",
+        mode="max",
+    )
+    return L.Trainer(
+        default_root_dir=str(output_dir),
+        max_steps=cfg.trainer.max_steps,
+        max_epochs=cfg.trainer.max_epochs,
+        accelerator=cfg.trainer.accelerator,
+        strategy=build_strategy(cfg.parallelism),
+        devices=cfg.parallelism.devices,
+        num_nodes=cfg.parallelism.num_nodes,
+        precision=cfg.trainer.precision,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        deterministic=cfg.trainer.deterministic,
+        logger=build_loggers(cfg, output_dir, resume.step if resume else None),
+        plugins=[SafeCheckpointIO()],
+        callbacks=[periodic, *callbacks],
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the datamodule shards global batches itself (data/sampling.py)
+        enable_model_summary=False,
+    )
+
+
+def fit_until_stopped(trainer: L.Trainer, module: DraftModule, datamodule: ChatDataModule,
+                      resume: Optional[ResumePoint], stop: SaveOnStop) -> None:
+    """trainer.fit; a stop signal ends it with Preempted once its checkpoint is saved (requeued under SLURM)."""
     # Lightning looks for a resumable *dataloader*; the DataModule restores the data position (data/sampling.py).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     stop.install()  # from here on a signal saves a checkpoint instead of killing the run mid-step
@@ -216,10 +233,6 @@ def train(cfg: DictConfig, output_dir: Path, resume: Optional[ResumePoint], targ
     if stop.stopped_by is not None:
         requeue = requeue_slurm_job() if stop.stopped_by == signal.SIGUSR1 and trainer.is_global_zero else ""
         raise Preempted(stop.stopped_by, trainer.global_step, stop.saved, requeue)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    log.info("finished at step %d: %s", trainer.global_step,
-             ", ".join(f"{k}={metrics[k]:.4f}" for k in ("train/loss", "train/acc", "train/tau_est") if k in metrics))
-    return metrics
 
 
 def checked(what: str, load: Callable[..., Any], path: str, *args: Any) -> Any:
