@@ -3,9 +3,11 @@
 An error the user must fix prints one line, ``dflashtrain: error: <key>: <what is allowed>``, without a traceback:
 exit status 2 for a bad configuration (compose errors included) or a bad data row, 3 for a run stopped on a
 non-finite loss, 4 for an export whose load-back check failed, 5 for a multirun in which some run did not complete
-(its report has the run's row). Anything else is a bug and keeps its traceback (as does everything with
-``HYDRA_FULL_ERROR=1``). In a multirun a failed run does not end the sweep: its error is printed (or logged with its
-traceback), its status.json records it, and the next job starts.
+(its report has the run's row), 6 for an output that could not be written (disk full, read-only; what was written
+before is intact). A run stopped by a signal prints one line naming its resumable checkpoint and exits 128 + the
+signal (143 SIGTERM, 138 SIGUSR1, 130 SIGINT / Ctrl-C). Anything else is a bug and keeps its traceback (as does
+everything with ``HYDRA_FULL_ERROR=1``). In a multirun a failed run does not end the sweep: its error is printed
+(or logged with its traceback), its status.json records it, and the next job starts.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
+import signal
 import sys
 from typing import Callable, Iterator, Optional
 
@@ -30,25 +34,43 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from dflashtrain.config.checks import validate  # noqa: E402
 from dflashtrain.config.schema import ConfigError, register_configs  # noqa: E402
 from dflashtrain.data.rows import BadRowError  # noqa: E402  (light: importing it loads no torch)
+from dflashtrain.export.atomic import OutputWriteError  # noqa: E402  (light too)
 from dflashtrain.report.jobs import in_multirun, recorded_run  # noqa: E402  (light too)
 
 register_configs()
 
 CONFIG_PATH = "pkg://dflashtrain.conf"
-CONFIG_EXIT, DIVERGED_EXIT, EXPORT_CHECK_EXIT, SWEEP_FAILED_EXIT = 2, 3, 4, 5
+CONFIG_EXIT, DIVERGED_EXIT, EXPORT_CHECK_EXIT, SWEEP_FAILED_EXIT, WRITE_EXIT = 2, 3, 4, 5, 6
+INTERRUPT_EXIT = 128 + signal.SIGINT
+
+
+def raised_in_hydra(error: BaseException) -> bool:
+    """A ValueError Hydra raises while composing (e.g. ``loss=null``) is a bad command line, not a bug."""
+    trace = error.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    return trace is not None and trace.tb_frame.f_globals.get("__name__", "").startswith("hydra.")
 
 
 def exit_code(error: BaseException) -> Optional[int]:
-    """2 for a configuration or data error, 3 for a diverged run, None for anything else (a bug)."""
+    """2 config or data, 3 diverged, 4 export check, 6 write failed, 128 + signal stopped; None: a bug."""
     if isinstance(error, (ConfigError, BadRowError, ConfigCompositionException, OverrideParseException,
-                          OmegaConfBaseException)):
+                          OmegaConfBaseException)) or (isinstance(error, ValueError) and raised_in_hydra(error)):
         return CONFIG_EXIT
-    guards = sys.modules.get("dflashtrain.train.guards")  # NonFiniteLossError exists once training has started
+    if isinstance(error, OutputWriteError):
+        return WRITE_EXIT
+    if isinstance(error, KeyboardInterrupt):
+        return INTERRUPT_EXIT
+    modules = sys.modules  # these exist once training (or export) has started
+    guards, export, stop = (modules.get(f"dflashtrain.{m}") for m in ("train.guards", "export.hf", "train.preemption"))
     if guards is not None and isinstance(error, guards.NonFiniteLossError):
         return DIVERGED_EXIT
-    export = sys.modules.get("dflashtrain.export.hf")
     if export is not None and isinstance(error, export.ExportCheckError):
         return EXPORT_CHECK_EXIT
+    if stop is not None and isinstance(error, stop.Preempted):
+        return stop.exit_status(error.signum)
+    if stop is not None and isinstance(error, stop.Interrupted):
+        return INTERRUPT_EXIT
     return None
 
 
@@ -66,9 +88,16 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
         group, _, option = error.missing_cfg_file.rpartition("/")
         return f"{group}={option}: no such option; valid: {', '.join(error.options)}"
+    if isinstance(error, KeyboardInterrupt):
+        return "SIGINT: interrupted; every file already written is whole (nothing partial is left)"
+    if isinstance(error, ValueError) and raised_in_hydra(error):
+        group = next((arg.partition("=")[0] for arg in sys.argv[1:] if re.fullmatch(r"\w+=(null|None|)", arg)), "")
+        return f"{group or 'overrides'}: a config group takes an option name ({error})"
     cause = error.__cause__ if isinstance(error, ConfigCompositionException) else error
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-        message = str(cause.msg).splitlines()[0]
+        message = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(cause.msg).splitlines()[0])
+        if message.startswith(f"{cause.full_key}: "):
+            return message
         schema = getattr(cause, "object_type", None)
         if message.startswith("Key ") and dataclasses.is_dataclass(schema):
             fields = ", ".join(f.name for f in dataclasses.fields(schema) if not f.name.startswith("_"))
@@ -82,16 +111,19 @@ def one_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def reported_errors(sweep_goes_on: bool = False) -> Iterator[None]:
-    """A user error raised in the block prints one line and exits 2 (3: diverged); anything else propagates.
+    """A user error raised in the block prints one line and exits with its status; anything else propagates.
 
-    With ``sweep_goes_on`` (a multirun job) nothing leaves the block: the line is printed, or a bug's traceback
-    logged, and the sweep goes on to its next job.
+    With ``sweep_goes_on`` (a multirun job) nothing but a signal leaves the block: the line is printed, or a bug's
+    traceback logged, and the sweep goes on to its next job. A signal (preemption, Ctrl-C) stops the whole sweep.
     """
     try:
         yield
-    except Exception as error:  # noqa: BLE001 - re-raised unless it is the user's to fix
+    except BaseException as error:  # noqa: BLE001 - re-raised unless it is the user's to fix (or a Ctrl-C)
+        if isinstance(error, (SystemExit, GeneratorExit)):
+            raise
         reported = user_error(error)
-        if sweep_goes_on:
+        stopped = reported is not None and exit_code(reported) > 128
+        if sweep_goes_on and not stopped:
             if reported is None:
                 logging.getLogger("dflashtrain").exception("this run failed; the sweep goes on")
             else:
@@ -99,8 +131,9 @@ def reported_errors(sweep_goes_on: bool = False) -> Iterator[None]:
             return
         if reported is None:
             raise
-        print(f"dflashtrain: error: {one_line(reported)}", file=sys.stderr)
-        sys.exit(exit_code(reported))
+        code = exit_code(reported)
+        print(f"dflashtrain: {'stopped' if stopped else 'error'}: {one_line(reported)}", file=sys.stderr)
+        sys.exit(code)
 
 
 def console_entry(app: Callable[[], None]) -> Callable[[], None]:
@@ -113,8 +146,11 @@ def console_entry(app: Callable[[], None]) -> Callable[[], None]:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's full tracebacks
             return app()
         os.environ["HYDRA_FULL_ERROR"] = "1"
-        with reported_errors():
-            app()
+        try:
+            with reported_errors():
+                app()
+        finally:  # called again in the same process, it must behave the same
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
     main.__doc__ = app.__doc__
     return main

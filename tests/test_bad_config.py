@@ -23,9 +23,8 @@ from omegaconf import OmegaConf
 
 import dflashtrain
 from dflashtrain.cli import one_line, user_error
-from dflashtrain.config.checks import validate, validate_against_target
+from dflashtrain.config.checks import check_target_files, load_target_config, validate, validate_against_target
 from dflashtrain.config.schema import LOSS_SCHEMAS, ConfigError, TrainConfig, register_configs
-from dflashtrain.models.target import load_target_config
 from dflashtrain.objectives import build_objective, objective_class
 
 register_configs()
@@ -64,9 +63,19 @@ def compose_train(overrides):
 
 
 def checks_before_weights(cfg) -> None:
-    """What `dflashtrain.train.recipe.run` checks before it reads a tokenizer or a weight."""
+    """What `dflashtrain.train.recipe.run` checks before it reads a tokenizer or a weight (the files check aside:
+    this target has no weights)."""
     validate(cfg)
     validate_against_target(cfg, load_target_config(cfg.model.target.path))
+
+
+@pytest.fixture(autouse=True)
+def no_launcher(monkeypatch):
+    """These cases run as a lone process would: no torchrun / SLURM / MPI variables."""
+    from dflashtrain.config.machine import LAUNCHERS
+
+    for name in {v for variables in LAUNCHERS.values() for v in variables} | {"SLURM_NNODES"}:
+        monkeypatch.delenv(name, raising=False)
 
 
 # (overrides, the key the error must name). Compose-time errors (strict schema, enums, unknown options) and
@@ -116,9 +125,28 @@ CASES = [
     (["logger.name=wandb"], "logger.name"),
     (["seed=-1"], "seed"),
     (["resume_from=/nonexistent.ckpt"], "resume_from"),
+    # values that used to pass and then crash after the target loaded
+    (["model.target.dtype=bfloat16"], "trainer.precision"),  # 32-true runs the drafter in fp32 beside a bf16 target
+    (["trainer.precision=bf16-true"], "trainer.precision"),  # ... and bf16-true in bf16 beside an fp32 one
+    (["trainer.precision=16-true", "model.target.dtype=bfloat16"], "trainer.precision"),
+    (["trainer.precision=64-true"], "trainer.precision"),  # no float64 target dtype exists
+    (["model.drafter.attention=flex", "trainer.accelerator=cpu"], "model.drafter.attention"),  # no CPU backward
+    (["parallelism.devices=[0]", "trainer.accelerator=cpu"], "parallelism.devices"),  # ids name GPUs
+    (["parallelism.devices=-1", "trainer.accelerator=cpu"], "parallelism.devices"),
+    (["parallelism.num_nodes=2"], "parallelism.num_nodes"),  # no launcher: would wait forever for node 2
+    (["optim.lr=nan"], "optim.lr"),  # nan passes every comparison
+    (["optim.lr=inf"], "optim.lr"),
+    (["optim.betas=[0.9,nan]"], "optim.betas[1]"),
+    (["optim.eps=nan"], "optim.eps"),
+    (["trainer.gradient_clip_val=nan"], "trainer.gradient_clip_val"),
+    (["loss.gamma=nan"], "loss.gamma"),
+    (["loss=vp_drafter", "loss.prefix_weight_base=inf"], "loss.prefix_weight_base"),
+    (["loss=dspark", "loss.l1_alpha=nan"], "loss.l1_alpha"),
+    (["loss=dpace", "loss.alpha=nan"], "loss.alpha"),
 ]
 CLI_CASES = {"data.bogus=1", "loss=plain", "model.drafter.block_size=1", "model.drafter.markov_rank=8",
-             "model.drafter.mask_token_id=999"}  # one of each kind (compose, validate, target), through the real CLI
+             "model.drafter.mask_token_id=999", "optim.lr=nan", "parallelism.num_nodes=2"}  # one of each kind
+# (compose, validate, target, numbers, launcher), through the real CLI
 
 
 def case_id(case):
@@ -151,6 +179,110 @@ def test_cli_prints_one_line_and_exits_2(inputs, tmp_path, overrides, key):
     assert len(errors) == 1 and errors[0].startswith(f"dflashtrain: error: {key}"), result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == errors[0]
     assert not out.exists()  # nothing written: no output dir, so no checkpoint
+
+
+def test_hydra_full_error_shows_hydras_own_traceback(inputs, tmp_path, monkeypatch):
+    import dflashtrain.cli as cli
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["dflashtrain", *base_overrides(inputs, tmp_path / "out"), "data.bogus=1"])
+    with pytest.raises(ConfigCompositionException, match="data.bogus"):  # raised, not reduced to one line
+        cli.train()
+
+
+def test_cli_refuses_a_null_config_group_in_one_line(inputs, tmp_path):
+    """`loss=null` fails inside Hydra's composition with a ValueError: still one line naming the group, exit 2."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run([*CLI, *base_overrides(inputs, tmp_path / "out"), f"hydra.run.dir={tmp_path / 'h'}",
+                             "loss=null"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("dflashtrain: error: loss: a config group takes an option")
+
+
+def test_hardware_that_is_not_there_is_refused(inputs, tmp_path, monkeypatch):
+    """As on a machine without GPUs, and on one with two: accelerators, device ids and counts that do not exist."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for overrides, key in [(["trainer.accelerator=gpu"], "trainer.accelerator"),
+                           (["trainer.accelerator=cuda"], "trainer.accelerator"),
+                           (["trainer.accelerator=mps"], "trainer.accelerator"),
+                           (["parallelism.devices=[0]"], "parallelism.devices"),
+                           (["model.drafter.attention=flex"], "model.drafter.attention")]:
+        with pytest.raises(ConfigError) as info:
+            validate(compose_train([*base_overrides(inputs, tmp_path), *overrides]))
+        assert info.value.key == key, (overrides, info.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for devices in ("[0,2]", "3"):
+        with pytest.raises(ConfigError, match="^parallelism.devices"):
+            validate(compose_train([*base_overrides(inputs, tmp_path), "trainer.accelerator=gpu",
+                                    f"parallelism.devices={devices}", "trainer.precision=bf16-mixed"]))
+    validate(compose_train([*base_overrides(inputs, tmp_path), "trainer.accelerator=gpu", "parallelism.devices=[0,1]",
+                            "model.drafter.attention=flex"]))
+
+
+def test_several_nodes_need_a_launcher_that_started_them(inputs, tmp_path, monkeypatch):
+    from dflashtrain.config.machine import check_nodes
+
+    with pytest.raises(ConfigError, match="no multi-node launcher"):
+        check_nodes(2, 8, environ={})
+    check_nodes(2, 8, environ={"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "16"})  # torchrun, 2 x 8
+    with pytest.raises(ConfigError, match="WORLD_SIZE=8"):
+        check_nodes(2, 8, environ={"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8"})
+    check_nodes(2, 4, environ={"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_NNODES": "2"})  # srun
+    with pytest.raises(ConfigError, match="SLURM allocated 1 nodes"):
+        check_nodes(2, 4, environ={"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_NNODES": "1"})
+    check_nodes(2, 1, environ={"MASTER_ADDR": "head", "MASTER_PORT": "29500", "NODE_RANK": "1"})  # one command/node
+
+
+@pytest.fixture(scope="module")
+def target_dirs(tmp_path_factory):
+    """Directories that are not a usable target, each for one reason."""
+    from transformers import BertConfig
+
+    root = tmp_path_factory.mktemp("targets")
+    good = dict(TARGET_CONFIG)
+    dirs = {name: root / name for name in ("bert", "invalid_json", "a_list", "no_model_type", "no_weights",
+                                            "missing_shard", "no_tokenizer")}
+    for path in dirs.values():
+        path.mkdir()
+    BertConfig().save_pretrained(dirs["bert"])
+    (dirs["invalid_json"] / "config.json").write_text('{"model_type": "qwen3",')
+    (dirs["a_list"] / "config.json").write_text("[1, 2]")
+    (dirs["no_model_type"] / "config.json").write_text(json.dumps({k: v for k, v in good.items() if k != "model_type"}))
+    for name in ("no_weights", "missing_shard", "no_tokenizer"):
+        (dirs[name] / "config.json").write_text(json.dumps(good))
+    (dirs["no_weights"] / "tokenizer.json").write_text("{}")
+    (dirs["missing_shard"] / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    (dirs["no_tokenizer"] / "model.safetensors").write_bytes(b"")
+    return dirs
+
+
+@pytest.mark.parametrize("name,reason", [("bert", "holds a bert model"), ("invalid_json", "not valid JSON"),
+                                         ("a_list", "no model_type"), ("no_model_type", "no model_type"),
+                                         ("no_weights", "has no weights"), ("missing_shard", "shards that are missing"),
+                                         ("no_tokenizer", "has no tokenizer")])
+def test_a_target_directory_that_cannot_work_is_refused_before_loading(target_dirs, name, reason):
+    with pytest.raises(ConfigError, match=reason) as info:
+        load_target_config(str(target_dirs[name]))
+        check_target_files(str(target_dirs[name]))
+    assert info.value.key == "model.target.path" and "\n" not in str(info.value)
+
+
+def test_cli_refuses_a_bert_target_in_one_line(inputs, target_dirs, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run([*CLI, *base_overrides(inputs, tmp_path / "out"), f"hydra.run.dir={tmp_path / 'h'}",
+                             f"model.target.path={target_dirs['bert']}"], capture_output=True, text=True, cwd=tmp_path,
+                            env=env, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("dflashtrain: error: model.target.path: ")
+    assert "bert" in result.stderr.strip().splitlines()[-1]
 
 
 def test_valid_base_passes_the_checks(inputs, tmp_path):

@@ -180,7 +180,8 @@ def test_dspark_export_ships_heads_config_and_loader_and_decodes_like_the_checkp
 
     checkpoint, heads = _dspark_checkpoint(tmp_path / "dspark.ckpt", random_target_dir)
     out = export_module.export(checkpoint, tmp_path / "export", None, "float32", overwrite=False)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "modeling_dspark.py"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "dflashtrain_export.json", "model.safetensors",
+                                                        "modeling_dspark.py"]
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen3DSparkModel"]  # what vLLM's and SGLang's Qwen3 DSpark loaders serve
     assert (config["markov_rank"], config["enable_confidence_head"], config["confidence_head_with_markov"]) == \

@@ -72,7 +72,10 @@ def checkpoint(tmp_path, target_dir):
 
 def test_export_writes_the_spec_format_and_loads_back_exactly(tmp_path, checkpoint):
     out = export(checkpoint, tmp_path / "drafter", None, "float32", overwrite=False)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "dflashtrain_export.json", "model.safetensors"]
+    marker = json.loads((out / "dflashtrain_export.json").read_text())
+    assert marker["files"] == ["config.json", "model.safetensors"] and marker["global_step"] == 7
+    assert marker["checkpoint"] == str(checkpoint.resolve())
     assert not (tmp_path / "drafter.incomplete").exists()
     with safe_open(str(out / "model.safetensors"), "pt") as weights:
         assert set(weights.keys()) == SPEC_NAMES  # exactly: no embed_tokens, no lm_head, no prefix
@@ -152,6 +155,76 @@ def test_export_config_errors_name_the_key(tmp_path, checkpoint, target_dir):
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     with pytest.raises(ConfigError, match="^ckpt_path: .*not a dflashtrain"):
         load_checkpoint(tmp_path / "foreign.ckpt")
+
+
+def fingerprint(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_replaces_only_a_previous_export(tmp_path, checkpoint, target_dir):
+    """A models folder, the run's own checkpoints, an export with a file added: refused, untouched. A previous export
+    (its marker lists exactly its files): replaced, whole."""
+    models = tmp_path / "models"
+    (models / "Qwen3-8B").mkdir(parents=True)
+    (models / "Qwen3-8B" / "model.safetensors").write_bytes(b"weights")
+    previous = export(checkpoint, tmp_path / "drafter", None, "float32", overwrite=False)
+    added = export(checkpoint, tmp_path / "added", None, "float32", overwrite=False)
+    (added / "README.md").write_text("mine")
+    for foreign, reason in [(models, "is not a dflashtrain export"), (checkpoint.parent, "is not a dflashtrain export"),
+                            (added, "holds files that are not part of its export")]:
+        before = fingerprint(foreign)
+        with pytest.raises(ConfigError, match=f"^output_dir: .*{reason}"):
+            export(checkpoint, foreign, None, "float32", overwrite=True)
+        assert fingerprint(foreign) == before and not (foreign.parent / f"{foreign.name}.incomplete").exists()
+    stamp = (previous / "config.json").stat().st_mtime_ns
+    export(checkpoint, previous, None, "bfloat16", overwrite=True)
+    assert json.loads((previous / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (previous / "config.json").stat().st_mtime_ns != stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["added", "drafter", "models", "run", "target"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        export(checkpoint, a_file, None, "float32", overwrite=True)
+
+
+def test_an_incomplete_directory_is_removed_only_when_it_is_a_dead_exports(tmp_path, checkpoint, monkeypatch):
+    from dflashtrain.export.directory import STAGING_MARKER
+
+    staging = tmp_path / "drafter.incomplete"
+    staging.mkdir()
+    (staging / "notes.txt").write_text("someone else's")
+    with pytest.raises(ConfigError, match="not a dflashtrain staging directory"):
+        export(checkpoint, tmp_path / "drafter", None, "float32", overwrite=False)
+    assert (staging / "notes.txt").read_text() == "someone else's"
+    (staging / "notes.txt").unlink()
+    import socket
+
+    (staging / STAGING_MARKER).write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live export: this process
+    with pytest.raises(ConfigError, match="being written by another export"):
+        export(checkpoint, tmp_path / "drafter", None, "float32", overwrite=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (staging / STAGING_MARKER).write_text(f"{dead.stdout.strip()} {socket.gethostname()}\n")  # a crashed export's
+    out = export(checkpoint, tmp_path / "drafter", None, "float32", overwrite=False)
+    assert (out / "config.json").is_file() and not staging.exists()
+
+
+def test_a_full_disk_during_export_is_one_line_and_changes_nothing(tmp_path, checkpoint, monkeypatch):
+    from dflashtrain.export.atomic import OutputWriteError
+
+    previous = export(checkpoint, tmp_path / "drafter", None, "float32", overwrite=False)
+    before = fingerprint(previous)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "save_file", full_disk)
+    with pytest.raises(OutputWriteError, match=r"^output_dir: cannot write .*No space left on device; nothing was "
+                                               r"exported, the output directory is unchanged$"):
+        export(checkpoint, previous, None, "float32", overwrite=True)
+    assert fingerprint(previous) == before and not (tmp_path / "drafter.incomplete").exists()
+    from dflashtrain.cli import exit_code
+
+    assert exit_code(OutputWriteError("output_dir", "x")) == 6
 
 
 def test_latest_is_the_newest_last_ckpt_under_the_working_directory(tmp_path, target_dir, monkeypatch):

@@ -61,7 +61,7 @@ class Recorder:
 
 
 def drafter_state(checkpoint_path: Path):
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     return checkpoint, {k.removeprefix("drafter."): v for k, v in checkpoint["state_dict"].items()
                         if k.startswith("drafter.")}
 

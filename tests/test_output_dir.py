@@ -17,8 +17,8 @@ import dflashtrain.train.recipe as train_module
 from conftest import write_count_up_chats
 from dflashtrain.assets import TINY_TARGET_DIR
 from dflashtrain.config.schema import ConfigError, register_configs
-from dflashtrain.train.guards import check_checkpoint_dir
-from dflashtrain.train.recipe import check_output_dir, run
+from dflashtrain.train.outputs import claimed_output_dir
+from dflashtrain.train.recipe import run
 
 # Until the embedded tiny target is committed, its untrained stand-in (same tokenizer) is used.
 TARGET = TINY_TARGET_DIR
@@ -47,8 +47,8 @@ def test_a_path_under_a_regular_file_is_refused(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     for path in (blocker / "run", blocker):
-        with pytest.raises(ConfigError) as info:
-            check_output_dir(str(path))
+        with pytest.raises(ConfigError) as info, claimed_output_dir(str(path), None):
+            pass
         assert info.value.key == "paths.output_dir" and str(path) in str(info.value)
 
 
@@ -64,23 +64,26 @@ def test_unwritable_output_dir_fails_before_tokenizer_data_or_weights(data, tmp_
         run(config(data, blocker / "run", "trainer.max_steps=1"))
 
 
-def test_checkpoint_dir_rules(tmp_path):
+def test_output_dir_rules(tmp_path):
     """Empty or absent: fine. Holding checkpoints: only a run resumed from one of them may continue there."""
-    checkpoints = tmp_path / "run" / "checkpoints"
-    assert check_checkpoint_dir(checkpoints, None) == checkpoints and checkpoints.is_dir()
+    out = tmp_path / "run"
+    checkpoints = out / "checkpoints"
+    with claimed_output_dir(str(out), None) as claimed:
+        assert claimed == out and checkpoints.is_dir()
     (checkpoints / "last.ckpt").write_bytes(b"another run")
-    with pytest.raises(ConfigError, match=r"^paths\.output_dir: .* already holds checkpoints of another run"):
-        check_checkpoint_dir(checkpoints, None)
     elsewhere = tmp_path / "other.ckpt"
     elsewhere.write_bytes(b"")
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
-        check_checkpoint_dir(checkpoints, str(elsewhere))
-    assert check_checkpoint_dir(checkpoints, str(checkpoints / "last.ckpt")) == checkpoints  # continuing that run
+    for resume in (None, elsewhere):
+        with pytest.raises(ConfigError, match=r"^paths\.output_dir: .* already holds another run's outputs"):
+            with claimed_output_dir(str(out), resume):
+                pass
+    with claimed_output_dir(str(out), checkpoints / "last.ckpt"):  # continuing that run
+        pass
     assert (checkpoints / "last.ckpt").read_bytes() == b"another run"
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match="cannot create"):
-        check_checkpoint_dir(blocker / "checkpoints", None)
+    with pytest.raises(ConfigError, match="cannot write"), claimed_output_dir(str(blocker / "out"), None):
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,7 @@ def test_no_run_touches_another_runs_checkpoints(data, first_run, tmp_path):
     assert {"last.ckpt", "step0000002.ckpt"} <= before.keys()
 
     # A new run pointed at the same directory is refused before it writes anything.
-    with pytest.raises(ConfigError, match="already holds checkpoints of another run"):
+    with pytest.raises(ConfigError, match="already holds another run's outputs"):
         run(config(data, first, "trainer.max_steps=4"))
     assert fingerprints(first / "checkpoints") == before
 
@@ -106,12 +109,12 @@ def test_no_run_touches_another_runs_checkpoints(data, first_run, tmp_path):
     second = tmp_path / "second"
     run(config(data, second, "trainer.max_steps=3", f"resume_from={first / 'checkpoints' / 'last.ckpt'}"))
     assert fingerprints(first / "checkpoints") == before
-    resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 3
 
 
 def test_resume_with_another_geometry_is_refused_before_loading(data, first_run, tmp_path):
     first = first_run
-    with pytest.raises(ConfigError, match=r"^resume_from: .* block_size=8, this config gives 6"):
+    with pytest.raises(ConfigError, match=r"^model\.drafter\.block_size: is 6 but .* was trained with 8"):
         run(config(data, tmp_path / "second", "trainer.max_steps=2", "model.drafter.block_size=6",
                    f"resume_from={first / 'checkpoints' / 'last.ckpt'}"))

@@ -52,7 +52,7 @@ def test_logged_metrics(trained):
 
 def test_checkpoint_holds_no_target_weights(trained):
     out, _ = trained
-    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     keys = list(checkpoint["state_dict"])
     assert keys and all(k.startswith("drafter.") for k in keys)
     assert not any("embed_tokens" in k or "lm_head" in k for k in keys)
@@ -67,7 +67,7 @@ def test_resume_continues_the_step_count(trained, tmp_path):
     result = run_cli(f"paths.output_dir={tmp_path}", f"data.path={data}", "trainer.max_steps=6",
                      f"resume_from={out / 'checkpoints' / 'last.ckpt'}", "data.batch_size=8", *QUIET)
     assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 6
 
 

@@ -7,13 +7,17 @@ once per launch: the CLI calls it before importing Lightning; ``dflashtrain.trai
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, List
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from dflashtrain.config.machine import uses_cuda, validate_machine
 from dflashtrain.config.schema import (
     LOSS_SCHEMAS,
     ConfigError,
@@ -41,7 +45,7 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
 FSDP2_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP")  # train/parallelism.py: FSDP2_RESHARD_AFTER_FORWARD
 
@@ -98,6 +102,24 @@ def validate_structure(cfg: DictConfig) -> None:
         raise ConfigError(missing[0], "is required and has no default: set it on the command line (key=value)")
 
 
+def check_finite(node: Any, prefix: str = "") -> None:
+    """No nan or inf anywhere: every number of the config is finite (null is how a setting is switched off)."""
+    if OmegaConf.is_dict(node):
+        for key in node.keys():
+            if key == "hydra" or OmegaConf.is_missing(node, key):
+                continue
+            try:
+                value = node[key]
+            except OmegaConfBaseException:  # an interpolation that resolves only inside the app (${hydra:...})
+                continue
+            check_finite(value, f"{prefix}{key}.")
+    elif OmegaConf.is_list(node):
+        for i, item in enumerate(node):
+            check_finite(item, f"{prefix[:-1]}[{i}].")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(prefix[:-1], f"must be a finite number, got {node}")
+
+
 def _schema_at(cfg: DictConfig, dotted: str) -> Any:
     parent, _, key = dotted.rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent else cfg
@@ -137,19 +159,15 @@ def _validate_run(cfg: DictConfig) -> None:
     _positive("optim.eps", cfg.optim.eps)
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError("seed", f"must be in [0, 2**32), got {cfg.seed}")
-    if cfg.resume_from is not None and not os.path.isfile(cfg.resume_from):
-        raise ConfigError("resume_from", f"file not found: {cfg.resume_from}")
-
-
-def _cuda_requested(accelerator: str) -> bool:
-    import torch
-
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if cfg.resume_from not in (None, "auto") and not os.path.isfile(cfg.resume_from):
+        raise ConfigError("resume_from", f"file not found: {cfg.resume_from} (auto: resume from the newest "
+                                         "checkpoint in <paths.output_dir>/checkpoints, if any)")
 
 
 def validate(cfg: DictConfig) -> None:
     """Range and cross-group rules that need no weights. Raises ConfigError naming the key."""
     validate_structure(cfg)
+    check_finite(cfg)
     drafter = cfg.model.drafter
     if drafter.block_size < 2:
         raise ConfigError("model.drafter.block_size", f"must be >= 2 (an anchor plus drafts), got {drafter.block_size}")
@@ -169,9 +187,9 @@ def validate(cfg: DictConfig) -> None:
     if drafter.sliding_window is not None and drafter.sliding_window < drafter.block_size:
         raise ConfigError("model.drafter.sliding_window", f"must be null (no window) or >= model.drafter.block_size "
                                                           f"= {drafter.block_size}, got {drafter.sliding_window}")
-    target_path = cfg.model.target.path
-    if not Path(target_path, "config.json").is_file():
-        raise ConfigError("model.target.path", f"no Hugging Face model directory (config.json) at {target_path!r}")
+    if not Path(cfg.model.target.path, "config.json").is_file():  # its contents: load_target_config, before weights
+        raise ConfigError("model.target.path", f"no Hugging Face model directory (config.json) at "
+                                               f"{cfg.model.target.path!r}")
 
     validate_data(cfg.data, drafter.block_size)
 
@@ -190,10 +208,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.every_n_steps > 0 and cfg.data.eval_path is not None and not os.path.isfile(cfg.data.eval_path):
         raise ConfigError("data.eval_path", f"file not found: {cfg.data.eval_path} (eval.every_n_steps=0: no val/tau)")
 
-    if cfg.parallelism.strategy == Strategy.fsdp and not _cuda_requested(cfg.trainer.accelerator):
+    if cfg.parallelism.strategy == Strategy.fsdp and not uses_cuda(cfg.trainer.accelerator):
         raise ConfigError("parallelism.strategy", "fsdp needs GPUs (trainer.accelerator=gpu); on CPU use "
                                                   "parallelism=fsdp2 (sharded) or parallelism=ddp")
     _validate_run(cfg)
+    validate_machine(cfg)
     OmegaConf.to_object(cfg.loss).validate()
     name = loss_name(cfg)
     family_checks(objective_family(cfg)).check(cfg, name)
@@ -249,6 +268,66 @@ def objective_family(cfg: DictConfig) -> str:
     from dflashtrain.objectives import objective_class
 
     return objective_class(OmegaConf.get_type(cfg.loss)).family
+
+
+# ---------------------------------------------------------------------------------------------- the target directory
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# What the drafter reads from the target's config (docs/architecture.md, geometry): a decoder-only causal LM with
+# RMSNorm and grouped-query attention, the Qwen3 / Llama layout.
+TARGET_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "rms_norm_eps", "vocab_size")
+
+
+def check_target_config_file(path: str, key: str) -> dict:
+    """``<path>/config.json`` exists and is a JSON object naming a model_type; returns it."""
+    config_file = Path(path, "config.json")
+    if not config_file.is_file():
+        raise ConfigError(key, f"no Hugging Face model directory (config.json) at {path!r}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(key, f"{config_file} is not valid JSON: {str(error).splitlines()[0]}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ConfigError(key, f"{config_file} is not a Hugging Face model config (no model_type)")
+    return config
+
+
+def load_target_config(path: str, key: str = "model.target.path") -> Any:
+    """The target's config as transformers reads it, refused unless it is a decoder-only LM the drafter can tap."""
+    raw = check_target_config_file(path, key)
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - whatever transformers cannot read is this directory's problem
+        raise ConfigError(key, f"transformers cannot read {path}/config.json: {str(error).splitlines()[0]}") from None
+    missing = [name for name in TARGET_FIELDS if getattr(config, name, None) is None]
+    if raw["model_type"] not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or missing or config.is_encoder_decoder:
+        lacking = f" (no {', '.join(missing)})" if missing else ""
+        raise ConfigError(key, f"{path} holds a {raw['model_type']} model{lacking}; the target must be a "
+                               "decoder-only causal LM with RMSNorm and grouped-query attention (Qwen3, Llama, …)")
+    return config
+
+
+def check_target_files(path: str, key: str = "model.target.path") -> None:
+    """Weights (and every shard an index names) and a tokenizer are there, before anything is loaded."""
+    directory = Path(path)
+    present = [name for name in WEIGHT_FILES if (directory / name).is_file()]
+    if not present:
+        raise ConfigError(key, f"{path} has no weights ({', '.join(WEIGHT_FILES)})")
+    if present[0].endswith(".index.json"):
+        try:
+            shards = set(json.loads((directory / present[0]).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ConfigError(key, f"{directory / present[0]} is not a weight index: {error}") from None
+        absent = sorted(s for s in shards if not (directory / s).is_file())
+        if absent:
+            raise ConfigError(key, f"{present[0]} lists shards that are missing: {', '.join(absent[:3])}")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(key, f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)})")
 
 
 def validate_against_target(cfg: DictConfig, target_config: Any) -> None:

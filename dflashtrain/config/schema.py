@@ -377,7 +377,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
-    resume_from: Optional[str] = None  # a .ckpt written by a previous run
+    resume_from: Optional[str] = None  # a .ckpt of a previous run; auto: the newest in <output_dir>/checkpoints
     eval: TauEvalConfig = field(default_factory=TauEvalConfig)
     cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
 
@@ -471,7 +471,7 @@ class ReportConfig:
 
 
 def register_configs() -> None:
-    """Register schemas and the `asset` and `default_gamma` resolvers. Idempotent."""
+    """Register schemas and the `asset`, `default_gamma` and `unique_dir` resolvers. Idempotent."""
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="eval", node=EvalConfig)
@@ -484,6 +484,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("asset", _asset_path)
     if not OmegaConf.has_resolver("default_gamma"):
         OmegaConf.register_new_resolver("default_gamma", default_gamma)
+    if not OmegaConf.has_resolver("unique_dir"):  # default run directories: never shared, even within one second
+        OmegaConf.register_new_resolver("unique_dir", _unique_dir, use_cache=True)
 
 
 # Published decay γ per block size (docs/objectives.md, decay); other sizes scale B = 16's γ linearly.
@@ -492,6 +494,12 @@ PUBLISHED_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
 
 def default_gamma(block_size: int) -> float:
     return PUBLISHED_GAMMA.get(int(block_size), round(7.0 * int(block_size) / 16, 2))
+
+
+def _unique_dir(path: str) -> str:
+    from dflashtrain.train.outputs import claim_dir
+
+    return claim_dir(path)
 
 
 def _asset_path(relative: str) -> str:

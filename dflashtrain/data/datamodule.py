@@ -162,12 +162,12 @@ class ChatDataModule(L.LightningDataModule):
         )
 
     def state_dict(self) -> Dict[str, int]:
-        """The data position, saved in every checkpoint: the epoch, how many of its global batches were taken, and
-        their size (ranks × batch size)."""
+        """The data position, saved in every checkpoint: the epoch and how many of its global batches were taken,
+        and what the position counts in (usable rows, rows per global batch), for a resume to check."""
         trainer = self.trainer
         return {"epoch": trainer.current_epoch,
                 "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.ready,
-                "global_batch_size": trainer.world_size * self.batch_size}
+                "rows": len(self.train_set), "global_batch_size": self.batch_size * trainer.world_size}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.resume_position = {key: int(value) for key, value in state.items()}

@@ -8,6 +8,8 @@ and the resolved config. Files are read with ``weights_only=True``: only tensors
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -48,8 +50,20 @@ def resolve_checkpoint(value: str, key: str = "ckpt_path") -> Path:
 def read_checkpoint(path: Path, key: str = "ckpt_path") -> Dict[str, Any]:
     """The whole checkpoint as a dict (tensors memory-mapped); ConfigError unless it is a dflashtrain checkpoint."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable or unsafe file is the same user error
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as error:  # not torch's zip format (a legacy save, a bare pickle): no mmap then
+            if "mmap" not in str(error):
+                raise
+            with warnings.catch_warnings():  # "Detected pickle protocol": the refusal below says all there is
+                warnings.simplefilter("ignore")
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "GLOBAL" in str(error):  # weights_only refused a global: unpickling it could run code
+            raise ConfigError(key, f"refused {path}: it holds objects other than tensors and plain values (loading "
+                                   "it could run code); a dflashtrain checkpoint never does") from None
+        raise ConfigError(key, f"cannot read {path} as a dflashtrain checkpoint: not a torch checkpoint") from None
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(key, f"cannot read {path} as a dflashtrain checkpoint: {reason}") from None
     meta = checkpoint.get(METADATA_KEY) if isinstance(checkpoint, dict) else None

@@ -11,10 +11,12 @@ by loading it back.
                              family's head tensors; no embedding, no lm_head (the target's are used)
     <dir>/<family files>     e.g. DSpark's self-contained modeling_dspark.py
 
+    <dir>/dflashtrain_export.json   the marker: its files, the checkpoint and step (export/directory.py)
+
 The directory is written under ``<dir>.incomplete`` and moved into place only after the load-back check passed:
 tensor names and values identical, every config field equal to the checkpoint's, and a fixed input giving
 bit-identical outputs. A wrong ``target_layer_ids`` or ``mask_token_id`` is the classic reason a served drafter
-accepts ≈ nothing.
+accepts ≈ nothing. ``overwrite=true`` replaces only a previous export (recognised by its marker).
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dflashtrain.config.schema import ConfigError, DType
+from dflashtrain.export.atomic import OutputWriteError
 from dflashtrain.export.checkpoint import LoadedDrafter, load_checkpoint
+from dflashtrain.export.directory import check_output_dir, make_staging, publish
 from dflashtrain.families import DraftingFamily, family_for_architecture
 from dflashtrain.models.dflash import DrafterGeometry
 from dflashtrain.models.masks import AnchorAttentionMask
@@ -212,13 +217,13 @@ def check_export(original: LoadedDrafter, directory: Path, vocab_size: int) -> N
 
 # ---------------------------------------------------------------------------------------------- the recipe
 def export(ckpt_path: Path, output_dir: Path, target_path: Optional[str], dtype: str, overwrite: bool) -> Path:
-    """Checkpoint -> verified drafter directory at output_dir. Config errors are raised before anything is written."""
+    """Checkpoint -> verified drafter directory at output_dir. Config errors are raised before anything is written;
+    only a previous export is ever replaced (export/directory.py)."""
     if str(getattr(dtype, "value", dtype)) not in DTYPES:
         raise ConfigError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
     dtype = DType(dtype).value
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ConfigError("output_dir", f"{output_dir} exists and is not empty; pick another or set overwrite=true")
+    check_output_dir(output_dir, overwrite)
     loaded = load_checkpoint(ckpt_path)
     meta = loaded.meta
     target_path = target_path or meta["target_path"]
@@ -232,24 +237,33 @@ def export(ckpt_path: Path, output_dir: Path, target_path: Optional[str], dtype:
     config = hf_config(loaded.drafter.geometry, meta["num_target_layers"], target_config, dtype, family,
                        meta["head_options"])
 
-    staging = output_dir.with_name(output_dir.name + ".incomplete")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = make_staging(output_dir)
     try:
         tensors = {name: t.detach().contiguous() for name, t in loaded.drafter.state_dict().items()}
         tensors.update(family.export_tensors(loaded.heads))
-        for extra in family.export_files:
-            shutil.copy(extra, staging / extra.name)
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_files(staging, config, tensors, family)
         check_export(loaded, staging, target_config.vocab_size)
+        provenance = {"checkpoint": str(Path(ckpt_path).resolve()), "global_step": meta.get("global_step"),
+                      "dtype": dtype}
+        publish(staging, output_dir, provenance)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staging.rename(output_dir)
     log.info("exported %s -> %s (%s, %d tensors, %s, taps %s, mask token %d); load-back check passed",
              ckpt_path, output_dir, family.architecture, len(tensors), dtype,
              config["dflash_config"]["target_layer_ids"], config["dflash_config"]["mask_token_id"])
     return output_dir
+
+
+def write_files(staging: Path, config: Dict[str, Any], tensors: Dict[str, torch.Tensor],
+                family: DraftingFamily) -> None:
+    """config.json, model.safetensors and the family's files; a failed write (disk full, …) is one line."""
+    try:
+        for extra in family.export_files:
+            shutil.copy(extra, staging / extra.name)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+    except (OSError, SafetensorError) as error:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise OutputWriteError("output_dir", f"cannot write {staging}: {reason}; nothing was exported, the output "
+                                             "directory is unchanged") from None

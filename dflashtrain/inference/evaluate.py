@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from dflashtrain.config.schema import ConfigError
 from dflashtrain.data.prompts import read_prompts, stop_token_ids
+from dflashtrain.export.atomic import atomic_write_text
 from dflashtrain.export.checkpoint import load_checkpoint, resolve_checkpoint
 from dflashtrain.export.hf import load_exported
 from dflashtrain.inference.decode import (
@@ -87,6 +88,22 @@ def validate_eval(cfg: DictConfig) -> None:
             raise ConfigError("d2sd_branches", f"must be >= 1, got {cfg.d2sd_branches}")
     if cfg.drafter_dir is not None and cfg.model.target.path is None:
         raise ConfigError("model.target.path", "is required with drafter_dir (an exported drafter records no target)")
+    check_device(cfg.device)
+
+
+def check_device(name: str) -> None:
+    """auto, cpu, or a CUDA device that exists (cuda, cuda:<n>)."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:<n>; got {name!r}")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= visible:
+        raise ConfigError("device", f"{name} asked for, but {visible} CUDA devices are visible")
 
 
 def check_pairing(drafter: Any, config: Any) -> None:
@@ -122,7 +139,7 @@ def histogram_text(histogram: Sequence[int], width: int = 40) -> str:
 def write_report(report: Dict[str, Any], output_dir: Path, step: int) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    (output_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(output_dir / "eval.json", json.dumps(report, indent=2) + "\n", key="output_dir")
     writer = SummaryWriter(str(output_dir / "tensorboard"))
     for name in ("tau", "tokens_per_s", "baseline_tokens_per_s", "speedup"):
         if name in report:
@@ -146,7 +163,10 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     for model in filter(None, (drafter, second)):
         check_pairing(model, load_target_config(target_path))
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("output_dir", f"cannot create {output_dir}: {error.strerror or error}") from None
     tokenizer = load_tokenizer(target_path)
     prompts = read_prompts(cfg.data.eval_path, tokenizer, cfg.num_prompts, cfg.data.on_bad_row)
     if not prompts:

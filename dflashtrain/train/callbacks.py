@@ -41,6 +41,20 @@ class TauEvalCallback(L.Callback):
             self.enabled = False
             log.warning("val/tau is off: %s; measure checkpoints with dflashtrain-eval", reason)
 
+    def state_dict(self) -> dict:
+        return {"history": [list(entry) for entry in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [tuple(entry) for entry in state.get("history", [])]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run resumed from a step that was measured logs that measurement again: resumed into the same directory,
+        the loggers drop what was logged from the resumed step on (train/loggers.py), and it is not measured twice."""
+        if self.history and self.history[-1][0] == trainer.global_step and trainer.global_step > 0:
+            self._last_step = trainer.global_step
+            for logger in trainer.loggers:
+                logger.log_metrics({"val/tau": self.history[-1][1]}, step=trainer.global_step)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps taken; equal over the micro-batches of one accumulation
         if not self.enabled or step == 0 or step % self.every_n_steps or step == self._last_step:

@@ -1,31 +1,27 @@
-"""Reliability guards: a run stops cleanly, keeps its good checkpoints, and never touches another run's outputs.
+"""Reliability guards: a run stops cleanly on a non-finite loss and keeps its good checkpoints.
 
 * :class:`NonFiniteGuard` (a Lightning callback) checks the loss before ``backward`` and the gradients before the
   optimizer step. On a non-finite value it saves the weights as they are (still those of the last good step: the
   bad step never reached the optimizer) to ``checkpoints/last-good-step{global_step:07d}.ckpt`` and raises
-  :class:`NonFiniteLossError`, naming the step and the batch's ``sample_ids`` (``file:N`` of each row).
-* :func:`check_checkpoint_dir` refuses to start a new run in an output directory that already holds checkpoints
-  of another run (only a run resumed from one of them may continue there).
-* :func:`check_resume_matches` compares a ``resume_from`` checkpoint's drafter geometry with the config's before
-  any weight is loaded.
+  :class:`NonFiniteLossError`, naming the step and the batch's ``sample_ids`` (``file:N`` of each row). Its data
+  position is past the bad batch: a run resumed from it continues with the next batch.
 
 Every decision that stops training is reduced over ranks, so all ranks stop at the same step (no rank is left
-waiting in a collective).
+waiting in a collective). Output directories are guarded in :mod:`dflashtrain.train.outputs`, resumes in
+:mod:`dflashtrain.train.resume`, signals in :mod:`dflashtrain.train.preemption`.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from dflashtrain.config.schema import ConfigError
-from dflashtrain.export.checkpoint import METADATA_KEY, read_checkpoint
 
 LAST_GOOD = "last-good-step{step:07d}"  # global_step = optimizer steps already applied to the saved weights
 
@@ -93,44 +89,9 @@ class NonFiniteGuard(Callback):
     def stop(self, trainer: L.Trainer, what: str, sample_ids: List[int]) -> None:
         """Save the untouched weights, then raise. Called on every rank (saving is collective)."""
         path = unused_path(self.checkpoint_dir / f"{LAST_GOOD.format(step=trainer.global_step)}.ckpt")
-        trainer.save_checkpoint(str(path))
+        trainer.save_checkpoint(str(path), weights_only=False)  # the whole training state (saving, not loading)
         ids = f"sample ids {sample_ids} (file:N)" if sample_ids else "sample ids on the reporting rank"
         raise NonFiniteLossError(
             f"non-finite {what} at step {trainer.global_step}, {ids}; stopped before the optimizer step, "
             f"the weights this step started from are in {path}"
         )
-
-
-def check_checkpoint_dir(checkpoint_dir: Path, resume_from: Optional[str]) -> Path:
-    """Create ``checkpoint_dir``; refuse one that holds checkpoints unless resuming from one of them.
-
-    Lightning's ModelCheckpoint would not delete another run's files, but it would write ``last-v1.ckpt`` beside
-    them, so ``last.ckpt`` would silently keep meaning the other run.
-    """
-    existing = sorted(p.name for p in checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
-    continuing = resume_from is not None and Path(resume_from).resolve().parent == checkpoint_dir.resolve()
-    if existing and not continuing:
-        shown = ", ".join(existing[:3]) + (", …" if len(existing) > 3 else "")
-        raise ConfigError(
-            "paths.output_dir",
-            f"{checkpoint_dir} already holds checkpoints of another run ({shown}); a new run never writes beside "
-            f"them: choose a new paths.output_dir, or continue that run with resume_from={checkpoint_dir}/<name>.ckpt",
-        )
-    try:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError("paths.output_dir", f"cannot create {checkpoint_dir}: {error.strerror or error}") from None
-    return checkpoint_dir
-
-
-def check_resume_matches(resume_from: str, geometry: Dict[str, Any]) -> None:
-    """The checkpoint's drafter geometry must equal the config's (read memory-mapped: no weights are loaded)."""
-    saved = read_checkpoint(Path(resume_from), "resume_from")[METADATA_KEY]["geometry"]
-    for name, value in saved.items():
-        if name in geometry and geometry[name] != value:
-            source = GEOMETRY_SOURCES.get(name, "the target (model.target.path)")
-            raise ConfigError(
-                "resume_from",
-                f"{resume_from} holds a drafter with {name}={value}, this config gives {geometry[name]} "
-                f"(from {source}); resume with the config the checkpoint was trained with",
-            )
