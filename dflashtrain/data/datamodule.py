@@ -238,6 +238,12 @@ class ChatDataModule(L.LightningDataModule):
             collate_fn=ChatCollator(pad, self.pad_to_multiple_of),
         )
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Everything but ``sample_ids``: they only name rows in messages, and reading them back from a GPU would
+        make the host wait for the device (dflashtrain/train/host.py)."""
+        rest = {k: v for k, v in batch.items() if k != "sample_ids"}
+        return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "sample_ids": batch["sample_ids"]}
+
     def state_dict(self) -> Dict[str, int]:
         """The data position, saved in every checkpoint: the epoch and how many of its global batches were taken."""
         trainer = self.trainer

@@ -1,9 +1,9 @@
 """Reliability guards: a run stops cleanly, keeps its good checkpoints, and never touches another run's outputs.
 
-* :class:`NonFiniteGuard` (a Lightning callback) checks the loss before ``backward`` and the gradients before the
-  optimizer step. On a non-finite value it saves the weights as they are (still those of the last good step: the
-  bad step never reached the optimizer) to ``checkpoints/last-good-step{global_step:07d}.ckpt`` and raises
-  :class:`NonFiniteLossError`, naming the step and the batch's ``sample_ids`` (JSONL line numbers).
+* :class:`NonFiniteGuard` (a Lightning callback) stops on a non-finite loss or gradient before the optimizer step.
+  It saves the weights as they are (still those the bad step started from: it never reached the optimizer) to
+  ``checkpoints/last-good-step{step:07d}.ckpt`` and raises :class:`NonFiniteLossError`, naming the step and the
+  batch's ``sample_ids`` (JSONL line numbers). When it checks is the host-read policy of train/host.py.
 * :func:`check_checkpoint_dir` refuses to start a new run in an output directory that already holds checkpoints
   of another run (only a run resumed from one of them may continue there).
 * :func:`check_resume_matches` compares a ``resume_from`` checkpoint's drafter geometry with the config's before
@@ -15,14 +15,11 @@ waiting in a collective).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 
 from dflashtrain.config.schema import ConfigError
 from dflashtrain.export.checkpoint import METADATA_KEY, read_checkpoint
@@ -54,48 +51,44 @@ def unused_path(path: Path) -> Path:
 
 
 class NonFiniteGuard(Callback):
-    """Stop on a non-finite loss (before backward) or gradient (before the optimizer step), keeping good weights.
+    """Stop on a non-finite loss or gradient before the optimizer step, keeping the weights that step started from.
 
-    The gradient check is off under a GradScaler (``16-mixed``): the scaler itself skips steps with inf gradients.
+    The module flags such a step on the device (``DraftModule.step_report``, train/host.py) and the guard acts on
+    the host-read steps: every step on CPU or without a device-side skip; on a GPU with fused AdamW every
+    ``trainer.log_every_n_steps`` steps, and then the bad step and every step after it until the read were skipped
+    by the optimizer on the device, so the weights saved are still those the bad step started from. Under a
+    GradScaler (``16-mixed``) the gradient check is the scaler's: it skips steps with inf gradients itself.
     """
 
     def __init__(self, checkpoint_dir: str | Path):
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.batch_ids: List[int] = []  # sample ids of the current micro-batch
-        self.step_ids: List[int] = []  # sample ids of every micro-batch since the last optimizer step
-        self.step_of_ids = -1
+        self.ids_by_step: Dict[int, List[int]] = {}  # sample ids of each optimizer step since the last read
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
-        ids = batch["sample_ids"].tolist() if isinstance(batch, dict) and "sample_ids" in batch else []
-        if trainer.global_step != self.step_of_ids:  # a new optimizer step (accumulation window) begins
-            self.step_ids, self.step_of_ids = [], trainer.global_step
-        self.batch_ids = ids
-        self.step_ids += ids
-
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        value = loss.detach().float()
-        local_bad = not bool(torch.isfinite(value).all())
-        if trainer.strategy.reduce_boolean_decision(local_bad, all=False):
-            what = f"loss {value.item()}" if local_bad else "loss on another rank"
-            self.stop(trainer, what, self.batch_ids if local_bad else [])
+        ids = batch.get("sample_ids") if isinstance(batch, dict) else None
+        if ids is not None:  # kept on the host by the module (reading them from a GPU would wait for it)
+            self.ids_by_step.setdefault(trainer.global_step, []).extend(ids.tolist())
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        report = pl_module.step_report(optimizer)
+        if report is None:
             return
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
-        local_bad = not math.isfinite(norm)
-        if trainer.strategy.reduce_boolean_decision(local_bad, all=False):
-            what = f"gradient (norm {norm})" if local_bad else "gradient on another rank"
-            self.stop(trainer, what, self.step_ids if local_bad else [])
+        if report.first_bad >= 0:
+            what = (f"loss {report.bad_loss}" if report.bad_was_loss else f"gradient (norm {report.bad_norm})") if report.bad_here \
+                else "loss or gradient on another rank"
+            ids = self.ids_by_step.get(report.first_bad, []) if report.bad_here else []
+            self.stop(trainer, what, ids, report.first_bad)
+        self.ids_by_step.clear()
 
-    def stop(self, trainer: L.Trainer, what: str, sample_ids: List[int]) -> None:
+    def stop(self, trainer: L.Trainer, what: str, sample_ids: List[int], step: int) -> None:
         """Save the untouched weights, then raise. Called on every rank (saving is collective)."""
-        path = unused_path(self.checkpoint_dir / f"{LAST_GOOD.format(step=trainer.global_step)}.ckpt")
+        path = unused_path(self.checkpoint_dir / f"{LAST_GOOD.format(step=step)}.ckpt")
         trainer.save_checkpoint(str(path))
         ids = f"sample ids {sample_ids} (JSONL line numbers)" if sample_ids else "sample ids on the reporting rank"
+        skipped = f" (steps {step}..{trainer.global_step} were skipped on the device)" if trainer.global_step > step \
+            else ""
         raise NonFiniteLossError(
-            f"non-finite {what} at step {trainer.global_step}, {ids}; stopped before the optimizer step, "
+            f"non-finite {what} at step {step}, {ids}; stopped before the optimizer step{skipped}, "
             f"the weights this step started from are in {path}"
         )
 

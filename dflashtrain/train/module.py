@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any, Callable, Dict, List, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 from dflashtrain.config.schema import AttentionBackend
@@ -25,6 +25,7 @@ from dflashtrain.models.target import FrozenTarget, TargetStates
 from dflashtrain.objectives.chunked import chunked_objective, teacher_logits
 from dflashtrain.objectives.metrics import SlotCounts, summarize
 from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, Objective, check_objective
+from dflashtrain.train.host import StepClock, StepHealth, StepReport, to_host
 
 log = logging.getLogger(__name__)
 EPS = 1e-8
@@ -98,7 +99,12 @@ class DraftModule(L.LightningModule):
         self.max_length = max_length  # anchor scores are drawn for max_length positions, whatever the padding
         self.checkpoint_metadata = checkpoint_metadata
         self.skipped_empty_steps = 0
-        self._step_started = 0.0
+        self.health = StepHealth()  # device flags: empty / non-finite steps (train/host.py)
+        self.clock = StepClock()
+        self._window: Optional[tuple] = None  # (loss sum, micro-batches, ChunkLoss, SlotCounts) of this step
+        self._grad_norm: Optional[tuple] = None  # (global_step, norm) computed once per optimizer step
+        self._report: Optional[tuple] = None  # (global_step, StepReport or None)
+        self._skip: Optional[Tensor] = None  # this step is skipped (bool, on the device)
 
     # ------------------------------------------------------------------------------------------ wiring
     def setup(self, stage: str) -> None:
@@ -123,9 +129,8 @@ class DraftModule(L.LightningModule):
         on any rank and in any batch the row lands in.
         """
         rng = RowGenerators(self.seed, self.current_epoch, batch["row_keys"], batch["loss_mask"].device)
+        # A batch without any anchor gives dummy blocks only: an empty step, skipped (no host check here).
         anchors, keep = sample_anchors(batch["loss_mask"], self.num_anchors, uniforms=rng.uniform(self.max_length))
-        if not keep.any():
-            raise ValueError(f"no valid anchor in the batch (sample ids {batch['sample_ids'].tolist()})")
         geometry = self.drafter.geometry
         blocks = make_blocks(batch["input_ids"], batch["loss_mask"], anchors, keep, geometry.block_size,
                              geometry.mask_token_id, self.objective.label_offset)
@@ -159,55 +164,147 @@ class DraftModule(L.LightningModule):
                                           teacher=teacher, use_checkpoint=use_checkpoint)
         return total, counts, blocks
 
-    def reduce(self, total: ChunkLoss, num_sequences: int) -> Optional[Tensor]:
-        """W · num_local / (den_global + ε), den all-reduced (on a copy) and detached; None if den_global = 0."""
+    def reduce(self, total: ChunkLoss, num_sequences: int) -> Tensor:
+        """W · num_local / (den_global + ε), den all-reduced (on a copy) and detached.
+
+        A global batch with no supervised slot (den_global = 0, so num = 0) gives a zero loss; the step is then
+        skipped (``self.health``, no host read here)."""
         numerator = loss_numerator(total, self.objective.coefficients)
         local_den = local_denominator(total, self.objective.normalizer, num_sequences)
         global_den = self.trainer.strategy.reduce(local_den, reduce_op="sum")
-        if global_den <= 0:
-            return None
+        self.health.saw_denominator(global_den)
         return self.trainer.world_size * numerator / (global_den + EPS)
 
-    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
+    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         total, counts, blocks = self.forward_loss(batch, self.chunk_blocks)
         loss = self.reduce(total, batch["input_ids"].shape[0])
-        if loss is None:
-            self.skipped_empty_steps += 1
-            log.warning("step %d: no supervised slot in the global batch; skipped (%d so far)",
-                        self.global_step, self.skipped_empty_steps)
-            return None
-        self.log_step(loss, total, counts, batch["input_ids"].shape[0])
+        self.accumulate(loss, total, counts)
         return loss
 
-    # ------------------------------------------------------------------------------------------ logging
-    def log_step(self, loss: Tensor, total: ChunkLoss, counts: SlotCounts, size: int) -> None:
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+    # ------------------------------------------------------------------------------------------ step end, logging
+    def accumulate(self, loss: Tensor, total: ChunkLoss, counts: SlotCounts) -> None:
+        """Add a micro-batch's sums to this optimizer step's (on the device; logged on host-read steps)."""
+        total = ChunkLoss(terms={k: v.detach() for k, v in total.terms.items()}, weight_sum=total.weight_sum,
+                          token_sum=total.token_sum, slot_weight_sum=total.slot_weight_sum, stats=total.stats)
+        if self._window is None:
+            self._window = (loss.detach(), 1, total, counts)
+        else:
+            s, n, t, c = self._window
+            self._window = (s + loss.detach(), n + 1, t + total, c + counts)
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        self.health.saw_loss(loss)
+
+    def grad_norm(self) -> Tensor:
+        """‖∇‖₂ over the trainable parameters, computed once per optimizer step (logging, guard and clipping)."""
+        if self._grad_norm is None or self._grad_norm[0] != self.global_step:
+            grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+            self._grad_norm = (self.global_step, norm)
+        return self._grad_norm[1]
+
+    def device_skips(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` can skip a step on the device (fused AdamW's found_inf; not under a GradScaler,
+        which sets found_inf itself)."""
+        raw = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper or the optimizer
+        return bool(raw.defaults.get("fused")) and getattr(self.trainer.precision_plugin, "scaler", None) is None
+
+    def host_read_every(self, optimizer: torch.optim.Optimizer) -> int:
+        """Steps between host reads (train/host.py): 1 on CPU or without a device-side skip, else the log cadence."""
+        if self.device.type == "cpu" or not self.device_skips(optimizer):
+            return 1
+        return max(1, self.trainer.log_every_n_steps)
+
+    def step_report(self, optimizer: torch.optim.Optimizer) -> Optional[StepReport]:
+        """Once per optimizer step, before it: fold the step into ``self.health``; on a host-read step read flags and
+        sums in one transfer, log them, and return what the guard needs (None on other steps)."""
+        if self._report is not None and self._report[0] == self.global_step:
+            return self._report[1]
+        norm = self.grad_norm()
+        reduce_max = (lambda t: self.trainer.strategy.reduce(t, reduce_op="max")) if self.trainer.world_size > 1 \
+            else (lambda t: t)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        self._skip = self.health.end_step(self.global_step, norm, not scaler, reduce_max)
+        report = None
+        every = self.host_read_every(optimizer)
+        if (self.global_step + 1) % every == 0 or self.global_step + 1 == self.trainer.max_steps:
+            report = self.read_and_log(norm, optimizer)
+        self._report = (self.global_step, report)
+        return report
+
+    def read_and_log(self, norm: Tensor, optimizer: torch.optim.Optimizer) -> StepReport:
+        """The host read of a step: health flags and every logged sum in one device -> host copy, then the logs."""
+        loss_sum, micro, total, counts = self._window
+        values = {"loss": loss_sum / micro, "grad_norm": norm, **self.health.device_values(),
+                  **{f"counts.{k}": v for k, v in vars(counts).items()},
+                  **{f"total.{k}": v for k, v in vars(total).items() if torch.is_tensor(v)},
+                  **{f"term.{k}": v for k, v in total.terms.items()}, **{f"stat.{k}": v for k, v in total.stats.items()}}
+        tokens = self.clock.previous_tokens()
+        if tokens is not None:
+            values["tokens"] = tokens
+        host = to_host(values)
+        self.health.read()
+        report = StepReport(step=self.global_step, first_bad=int(host["first_bad"]),
+                            bad_was_loss=bool(host["bad_was_loss"]), bad_here=bool(host["bad_here"]), bad_norm=float(host["bad_norm"]), bad_loss=float(host["bad_loss"]),
+                            empty_steps=int(host["empty_steps"]))
+        if report.empty_steps:
+            self.skipped_empty_steps += report.empty_steps
+            log.warning("step %d: %d step(s) since the last check had no supervised slot in the global batch; "
+                        "skipped (%d so far)", self.global_step, report.empty_steps, self.skipped_empty_steps)
+        host_total = ChunkLoss(terms={k[5:]: v for k, v in host.items() if k.startswith("term.")},
+                               weight_sum=host["total.weight_sum"], token_sum=host["total.token_sum"],
+                               slot_weight_sum=host["total.slot_weight_sum"],
+                               stats={k[5:]: v for k, v in host.items() if k.startswith("stat.")})
+        host_counts = SlotCounts(**{k[7:]: v for k, v in host.items() if k.startswith("counts.")})
+        self.log_step(host["loss"], host_total, host_counts, host["grad_norm"], optimizer)
+        elapsed = self.clock.previous()
+        if elapsed is not None:
+            self.log("train/step_time", torch.tensor(elapsed))
+            self.log("train/tokens_per_s", host["tokens"] / elapsed)
+        return report
+
+    def log_step(self, loss: Tensor, total: ChunkLoss, counts: SlotCounts, grad_norm: Tensor, optimizer) -> None:
+        """Everything logged for a step, from host copies of its sums (CPU tensors: logging reads nothing back)."""
+        self.log("train/loss", loss, prog_bar=True)
         den = total.weight_sum.clamp(min=EPS)
         for name in self.objective.coefficients:  # each term un-weighted by its α: Σ w·m·ℓ / Σ w·m
-            self.log(f"train/{name}", total.terms[name].detach() / den, batch_size=size)
+            self.log(f"train/{name}", total.terms[name] / den)
         metrics = summarize(counts)
         metrics.update(self.objective.metrics(total, counts))
         for name, value in metrics.items():
-            self.log(f"train/{name}", value, prog_bar=name in ("acc", "tau_est"), batch_size=size)
+            self.log(f"train/{name}", value, prog_bar=name in ("acc", "tau_est"))
         mean_weight = total.slot_weight_sum / counts.valid.clamp(min=1)
         for k in torch.nonzero(counts.valid).flatten().tolist():
-            self.log(f"train/weight_k/{k}", mean_weight[k], batch_size=size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Whole-step time (forward, backward, optimizer) and throughput in tokens of the local batch."""
-        elapsed = max(time.perf_counter() - self._step_started, 1e-9)
-        size = batch["input_ids"].shape[0]
-        self.log("train/step_time", elapsed, batch_size=size)
-        self.log("train/tokens_per_s", batch["attention_mask"].sum().float() / elapsed, batch_size=size)
+            self.log(f"train/weight_k/{k}", mean_weight[k])
+        self.log("train/grad_norm", grad_norm)
+        self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm())
+        self.step_report(optimizer)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """The last hook before the optimizer step: clip with the step's one grad norm, and skip an empty or
+        non-finite step on the device (fused AdamW's found_inf) or, without that, on the host."""
+        report = self.step_report(optimizer)
+        own = gradient_clip_algorithm in (None, "norm") and not isinstance(self.trainer.strategy, FSDPStrategy) \
+            and getattr(self.trainer.precision_plugin, "scaler", None) is None
+        if gradient_clip_val and own:
+            grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(grads, gradient_clip_val, self.grad_norm())
+        elif gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if self.device_skips(optimizer):
+            getattr(optimizer, "optimizer", optimizer).found_inf = self._skip.float()
+        elif report is not None and report.empty_steps:  # host read every step here: p.grad None = not stepped
+            for p in self.trainable_parameters():
+                p.grad = None
+        self._window = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.clock.start(self.device, batch["attention_mask"].sum())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.clock.stop()
 
     # ------------------------------------------------------------------------------------------ optim, ckpt
     def configure_optimizers(self):

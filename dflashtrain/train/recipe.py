@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import lightning as L
 import torch
@@ -74,6 +74,28 @@ def build_tau_eval(cfg: DictConfig, tokenizer) -> List[L.Callback]:
     )]
 
 
+def adamw(params, *, lr: float, betas: tuple, eps: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel per step; it can skip a step on the device, train/host.py) where the parameters'
+    device supports it, else the default implementation."""
+    params = list(params)
+    if fused:
+        try:
+            return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        except RuntimeError:  # a device without fused kernels
+            pass
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def optimizer_factory(cfg: DictConfig) -> Callable[..., torch.optim.Optimizer]:
+    """The run's optimizer, built once the parameters are on their device (DraftModule.configure_optimizers).
+
+    Not fused under ``16-mixed``: Lightning cannot clip the gradients of an optimizer that unscales them itself.
+    """
+    optim = cfg.optim
+    return functools.partial(adamw, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay, fused=cfg.trainer.precision != "16-mixed")
+
+
 def run(cfg: DictConfig) -> Dict[str, float]:
     """Check the config, then train a drafter as it says; returns the last logged metrics."""
     validate(cfg)
@@ -119,9 +141,7 @@ def fit(cfg: DictConfig) -> Dict[str, float]:
         target=target,
         objective=objective,
         family=family,
-        optimizer=functools.partial(
-            torch.optim.AdamW, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
-        ),
+        optimizer=optimizer_factory(cfg),
         lr_factor=warmup_cosine(cfg.trainer.max_steps, optim.warmup_ratio, optim.min_lr_ratio),
         num_anchors=data.num_anchors,
         chunk_blocks=cfg.model.drafter.logits_chunk_blocks,
