@@ -93,6 +93,7 @@ class DrafterConfig:
     attention: AttentionBackend = AttentionBackend.auto  # auto: flex on CUDA, SDPA elsewhere
     logits_chunk_blocks: int = 64  # blocks per lm_head + loss chunk (memory), per sequence
     markov_rank: int = 0  # dspark family only: low-rank bigram head rank; loss=dspark sets it
+    compile: bool = False  # torch.compile each drafter layer for training (first steps compile; bench/RESULTS.md)
 
 
 @dataclass

@@ -62,12 +62,12 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, checkpoint_dir: str | Path):
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.ids_by_step: Dict[int, List[int]] = {}  # sample ids of each optimizer step since the last read
+        self.ids_by_step: Dict[int, List[Any]] = {}  # each optimizer step's sample-id tensors since the last read
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
         ids = batch.get("sample_ids") if isinstance(batch, dict) else None
-        if ids is not None:  # kept on the host by the module (reading them from a GPU would wait for it)
-            self.ids_by_step.setdefault(trainer.global_step, []).extend(ids.tolist())
+        if ids is not None:  # a host tensor (the datamodule keeps it off the GPU); read only to name them
+            self.ids_by_step.setdefault(trainer.global_step, []).append(ids)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         report = pl_module.step_report(optimizer)
@@ -76,7 +76,8 @@ class NonFiniteGuard(Callback):
         if report.first_bad >= 0:
             what = (f"loss {report.bad_loss}" if report.bad_was_loss else f"gradient (norm {report.bad_norm})") if report.bad_here \
                 else "loss or gradient on another rank"
-            ids = self.ids_by_step.get(report.first_bad, []) if report.bad_here else []
+            tensors = self.ids_by_step.get(report.first_bad, []) if report.bad_here else []
+            ids = [i for t in tensors for i in t.tolist()]
             self.stop(trainer, what, ids, report.first_bad)
         self.ids_by_step.clear()
 
@@ -85,8 +86,8 @@ class NonFiniteGuard(Callback):
         path = unused_path(self.checkpoint_dir / f"{LAST_GOOD.format(step=step)}.ckpt")
         trainer.save_checkpoint(str(path))
         ids = f"sample ids {sample_ids} (JSONL line numbers)" if sample_ids else "sample ids on the reporting rank"
-        skipped = f" (steps {step}..{trainer.global_step} were skipped on the device)" if trainer.global_step > step \
-            else ""
+        skipped = f" (steps {step}..{trainer.global_step - 1} were skipped on the device until this check)" \
+            if trainer.global_step > step else ""
         raise NonFiniteLossError(
             f"non-finite {what} at step {step}, {ids}; stopped before the optimizer step{skipped}, "
             f"the weights this step started from are in {path}"

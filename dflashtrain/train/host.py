@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+
+HOST_COPY = "_dflashtrain_host_copy"  # marks the tensors to_host made (HostReadCounter does not count reading them)
 
 
 def to_host(values: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -26,6 +30,7 @@ def to_host(values: Dict[str, Tensor]) -> Dict[str, Tensor]:
     out, start = {}, 0
     for name, value in values.items():
         out[name] = flat[start:start + value.numel()].view(value.shape)
+        setattr(out[name], HOST_COPY, True)
         start += value.numel()
     return out
 
@@ -155,3 +160,37 @@ class StepClock:
         if isinstance(start, float):
             return max(end - start, 1e-9)
         return max(start.elapsed_time(end) / 1e3, 1e-9)
+
+
+class HostReadCounter(torch.overrides.TorchFunctionMode):
+    """Counts, inside a ``with`` block, the tensor calls that read a value on the host (on a GPU each is a host
+    synchronisation): ``.item()``, ``.tolist()``, ``bool()``/``float()``/``int()`` of a tensor, ``.cpu()``,
+    ``.numpy()``, ``nonzero`` and boolean-mask indexing (data-dependent shapes). On CPU, where nothing waits, it
+    shows where a GPU would (tests/test_host_reads.py, bench/step.py). Tensors computed only from :func:`to_host`'s
+    copies are host tensors on a GPU too: reading them is not counted."""
+
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero",
+             "masked_select", "unique", "__repr__", "__format__"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: List[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        tensors = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, Tensor)]
+        on_host = bool(tensors) and all(getattr(t, HOST_COPY, False) for t in tensors)
+        if not on_host and (name in self.READS or (name == "__getitem__" and len(args) > 1
+                                                     and _has_bool_index(args[1]))):
+            self.calls.append(name)
+        out = func(*args, **(kwargs or {}))
+        if on_host:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, Tensor):
+                    setattr(t, HOST_COPY, True)
+        return out
+
+
+def _has_bool_index(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, Tensor) and i.dtype == torch.bool for i in items)

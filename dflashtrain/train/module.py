@@ -102,8 +102,8 @@ class DraftModule(L.LightningModule):
         self.health = StepHealth()  # device flags: empty / non-finite steps (train/host.py)
         self.clock = StepClock()
         self._window: Optional[tuple] = None  # (loss sum, micro-batches, ChunkLoss, SlotCounts) of this step
-        self._grad_norm: Optional[tuple] = None  # (global_step, norm) computed once per optimizer step
-        self._report: Optional[tuple] = None  # (global_step, StepReport or None)
+        self._grad_norm: Optional[Tensor] = None  # computed once per optimizer step (reset after it)
+        self._report: Optional[tuple] = None  # (StepReport or None,) of this optimizer step (reset after it)
         self._skip: Optional[Tensor] = None  # this step is skipped (bool, on the device)
 
     # ------------------------------------------------------------------------------------------ wiring
@@ -197,11 +197,10 @@ class DraftModule(L.LightningModule):
 
     def grad_norm(self) -> Tensor:
         """‖∇‖₂ over the trainable parameters, computed once per optimizer step (logging, guard and clipping)."""
-        if self._grad_norm is None or self._grad_norm[0] != self.global_step:
+        if self._grad_norm is None:
             grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-            self._grad_norm = (self.global_step, norm)
-        return self._grad_norm[1]
+            self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        return self._grad_norm
 
     def device_skips(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer`` can skip a step on the device (fused AdamW's found_inf; not under a GradScaler,
@@ -218,8 +217,8 @@ class DraftModule(L.LightningModule):
     def step_report(self, optimizer: torch.optim.Optimizer) -> Optional[StepReport]:
         """Once per optimizer step, before it: fold the step into ``self.health``; on a host-read step read flags and
         sums in one transfer, log them, and return what the guard needs (None on other steps)."""
-        if self._report is not None and self._report[0] == self.global_step:
-            return self._report[1]
+        if self._report is not None:
+            return self._report[0]
         norm = self.grad_norm()
         reduce_max = (lambda t: self.trainer.strategy.reduce(t, reduce_op="max")) if self.trainer.world_size > 1 \
             else (lambda t: t)
@@ -229,7 +228,7 @@ class DraftModule(L.LightningModule):
         every = self.host_read_every(optimizer)
         if (self.global_step + 1) % every == 0 or self.global_step + 1 == self.trainer.max_steps:
             report = self.read_and_log(norm, optimizer)
-        self._report = (self.global_step, report)
+        self._report = (report,)
         return report
 
     def read_and_log(self, norm: Tensor, optimizer: torch.optim.Optimizer) -> StepReport:
@@ -298,7 +297,7 @@ class DraftModule(L.LightningModule):
         elif report is not None and report.empty_steps:  # host read every step here: p.grad None = not stepped
             for p in self.trainable_parameters():
                 p.grad = None
-        self._window = None
+        self._window = self._grad_norm = self._report = None  # the step is done
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.clock.start(self.device, batch["attention_mask"].sum())

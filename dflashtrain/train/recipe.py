@@ -23,6 +23,7 @@ from dflashtrain.config.checks import validate, validate_against_target
 from dflashtrain.config.schema import ConfigError, LoggerName
 from dflashtrain.data.datamodule import ChatDataModule
 from dflashtrain.families import family_checks, get_family
+from dflashtrain.models.dflash import compile_layers
 from dflashtrain.models.target import (
     FrozenTarget,
     drafter_geometry,
@@ -135,8 +136,11 @@ def fit(cfg: DictConfig) -> Dict[str, float]:
 
     target = FrozenTarget.load(cfg.model.target.path, cfg.model.target.dtype, geometry.target_layer_ids)
     optim = cfg.optim
+    drafter = family.build_drafter(geometry, head_options)
+    if cfg.model.drafter.compile:
+        compile_layers(drafter)
     module = DraftModule(
-        drafter=family.build_drafter(geometry, head_options),
+        drafter=drafter,
         heads=family.build_heads(target_config.vocab_size, geometry.hidden_size, head_options),
         target=target,
         objective=objective,

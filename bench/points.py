@@ -1,0 +1,139 @@
+"""The points of bench/step.py that are about one part of the step: the LM head on flattened rows, host reads /
+synchronisations per step of the real trainer, and flex vs dense attention (GPU)."""
+
+from __future__ import annotations
+
+import collections
+import tempfile
+import traceback
+import warnings
+from typing import Callable, Dict, List
+
+import lightning as L
+import torch
+from torch import nn
+
+from geometry import CPU, Geometry, make_inputs
+from measure import interleaved, ratio
+from ours import OurStep
+from dflashtrain.models.target import head_logits
+
+
+def head_point(report, g: Geometry, device, repeats: int, warmup: int) -> None:
+    """lm_head forward + backward on one chunk [b, c, B, d] sliced from [b, N, B, d]: flattened rows (one GEMM) vs
+    nn.Linear on the slice (which ATen runs as b·c small batched matmuls)."""
+    gen = torch.Generator().manual_seed(0)
+    lm_head = nn.Linear(g.hidden, g.vocab, bias=False).requires_grad_(False).to(device)
+    hidden = torch.randn(g.batch, g.anchors, g.block, g.hidden, generator=gen).to(device)
+
+    def run(fn: Callable) -> Callable[[], None]:
+        def step() -> None:
+            h = hidden.detach().requires_grad_(True)
+            fn(h[:, : g.chunk]).float().logsumexp(-1).sum().backward()
+        return step
+
+    times = interleaved({"flat": run(lambda h: head_logits(h, lm_head)), "slice": run(lm_head)}, repeats, warmup,
+                        device)
+    report(f"| lm_head on flattened rows / on the slice | {g.describe()} | {ratio(times['flat'], times['slice'])} | "
+           "forward + backward of one chunk |")
+
+
+def _first_outside(frames) -> str:
+    """The innermost frame in dflashtrain, else in Lightning, else the caller: where a read comes from."""
+    for package in ("dflashtrain", "lightning", ""):
+        for frame in reversed(frames):
+            if package in frame.filename and "/torch/" not in frame.filename and "bench/" not in frame.filename:
+                return f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}"
+    return "?"
+
+
+def trainer_reads(report, device, steps: int, every: int) -> None:
+    """The real trainer (`dflashtrain`'s fit on the tiny default, target included) for ``steps`` steps: host reads
+    per step, on CPU counted by HostReadCounter with the GPU's host-read cadence forced, on CUDA the
+    synchronisations CUDA reports (torch.cuda.set_sync_debug_mode)."""
+    from hydra import compose, initialize_config_module
+
+    from dflashtrain.config.schema import register_configs
+    from dflashtrain.train.host import HostReadCounter
+    from dflashtrain.train.module import DraftModule
+    from dflashtrain.train.recipe import run
+
+    register_configs()
+    per_step: List[int] = []
+    where: collections.Counter = collections.Counter()
+    events: List[str] = []
+
+    class Steps(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            per_step.append(len(events))
+
+    original_every, original_callbacks = DraftModule.host_read_every, L.Trainer.__init__
+    if device.type == "cpu":
+        DraftModule.host_read_every = lambda self, optimizer: every
+
+    def with_steps(self, *args, **kwargs):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), Steps()]
+        original_callbacks(self, *args, **kwargs)
+
+    L.Trainer.__init__ = with_steps
+    out = tempfile.mkdtemp(prefix="bench_reads_")
+    overrides = [f"paths.output_dir={out}", f"trainer.max_steps={steps}", f"trainer.log_every_n_steps={every}",
+                 "logger=none", "eval.every_n_steps=0", "checkpoint.every_n_train_steps=100000"]
+    try:
+        with initialize_config_module(config_module="dflashtrain.conf", version_base=None):
+            cfg = compose("train", overrides=overrides)
+        if device.type == "cuda":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    run(cfg)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            events += [f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in caught
+                       if "synchroniz" in str(w.message)]
+        else:
+            counter = HostReadCounter()
+            original_append = counter.calls.append
+
+            def append(name: str) -> None:
+                original_append(name)
+                events.append(f"{name} at {_first_outside(traceback.extract_stack(limit=40))}")
+
+            counter.calls.append = append  # type: ignore[method-assign]
+            with counter:
+                run(cfg)
+    finally:
+        DraftModule.host_read_every, L.Trainer.__init__ = original_every, original_callbacks
+    per_step.append(len(events))
+    counts = [b - a for a, b in zip(per_step[:-1], per_step[1:])]
+    read_steps = {s for s in range(len(counts)) if (s + 1) % every == 0 or s + 1 == steps}
+    other = [c for s, c in enumerate(counts) if s not in read_steps]
+    for event in events[per_step[0]:]:
+        where[event] += 1
+    kind = "CUDA synchronisations" if device.type == "cuda" else f"host reads (CPU, cadence {every} forced)"
+    top = "; ".join(f"{n}× {e}" for e, n in where.most_common(6))
+    report(f"| trainer step {kind} | tiny default, {steps} steps, log every {every} | "
+           f"{max(other) if other else 0} per step between host-read steps, {counts} per step | {top} |")
+
+
+def flex_point(report, g: Geometry, device, repeats: int, warmup: int) -> None:
+    """Flex attention (BlockMask) vs dense SDPA mask, dflashtrain's whole step (GPU only: flex has no CPU backward)."""
+    inputs = make_inputs(g, device)
+    flex = OurStep(g.with_(attention="flex"), inputs, "decay")
+    dense = OurStep(g.with_(attention="sdpa"), inputs, "decay", drafter_state=flex.module.drafter.state_dict())
+    times = interleaved({"flex": flex, "dense": dense}, repeats, warmup, device)
+    report(f"| flex / dense attention | {g.describe()} | {ratio(times['flex'], times['dense'])} | |")
+
+
+def extra_points(device, repeats: int, warmup: int) -> Dict[str, Callable]:
+    points: Dict[str, Callable] = {
+        "head-v8192": lambda rep: head_point(rep, CPU, device, repeats, warmup),
+        "head-v32768": lambda rep: head_point(rep, CPU.with_(vocab=32768), device, repeats, warmup),
+        "host-reads": lambda rep: trainer_reads(rep, device, steps=12, every=5),
+    }
+    if device.type == "cuda":
+        mid = CPU.with_(hidden=2048, heads=16, kv_heads=4, head_dim=128, intermediate=6144, vocab=32768,
+                        seq_len=2048, anchors=256, bf16=True)
+        points["gpu-flex"] = lambda rep: flex_point(rep, mid, device, repeats, warmup)
+    return points
