@@ -18,6 +18,8 @@ from measure import interleaved, ratio
 from ours import OurStep
 from dflashtrain.models.target import head_logits
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
 
 def head_point(report, g: Geometry, device, repeats: int, warmup: int) -> None:
     """lm_head forward + backward on one chunk [b, c, B, d] sliced from [b, N, B, d]: flattened rows (one GEMM) vs
@@ -67,9 +69,13 @@ def trainer_reads(report, device, steps: int, every: int) -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             per_step.append(len(events))
 
-    original_every, original_callbacks = DraftModule.host_read_every, L.Trainer.__init__
-    if device.type == "cpu":
+    import dflashtrain.models.masks as masks
+
+    original_every, original_callbacks, original_groups = DraftModule.host_read_every, L.Trainer.__init__, \
+        masks.key_groups
+    if device.type == "cpu":  # a GPU's policy: the read cadence, and the mask without the CPU key groups
         DraftModule.host_read_every = lambda self, optimizer: every
+        masks.key_groups = lambda *args: None
 
     def with_steps(self, *args, **kwargs):
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), Steps()]
@@ -93,18 +99,19 @@ def trainer_reads(report, device, steps: int, every: int) -> None:
             events += [f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in caught
                        if "synchroniz" in str(w.message)]
         else:
-            counter = HostReadCounter()
-            original_append = counter.calls.append
+            class Located(HostReadCounter):
+                def __torch_function__(self, func, types, args=(), kwargs=None):
+                    before = len(self.calls)
+                    out = super().__torch_function__(func, types, args, kwargs)
+                    if len(self.calls) > before:
+                        events.append(f"{self.calls[-1]} at {_first_outside(traceback.extract_stack(limit=40))}")
+                    return out
 
-            def append(name: str) -> None:
-                original_append(name)
-                events.append(f"{name} at {_first_outside(traceback.extract_stack(limit=40))}")
-
-            counter.calls.append = append  # type: ignore[method-assign]
-            with counter:
+            with Located():
                 run(cfg)
     finally:
-        DraftModule.host_read_every, L.Trainer.__init__ = original_every, original_callbacks
+        DraftModule.host_read_every, L.Trainer.__init__, masks.key_groups = original_every, original_callbacks, \
+            original_groups
     per_step.append(len(events))
     counts = [b - a for a, b in zip(per_step[:-1], per_step[1:])]
     read_steps = {s for s in range(len(counts)) if (s + 1) % every == 0 or s + 1 == steps}
@@ -112,7 +119,7 @@ def trainer_reads(report, device, steps: int, every: int) -> None:
     for event in events[per_step[0]:]:
         where[event] += 1
     kind = "CUDA synchronisations" if device.type == "cuda" else f"host reads (CPU, cadence {every} forced)"
-    top = "; ".join(f"{n}× {e}" for e, n in where.most_common(6))
+    top = "; ".join(f"{n}× {e.replace(str(ROOT) + '/', '')}" for e, n in where.most_common(6))
     report(f"| trainer step {kind} | tiny default, {steps} steps, log every {every} | "
            f"{max(other) if other else 0} per step between host-read steps, {counts} per step | {top} |")
 

@@ -174,3 +174,32 @@ def test_an_empty_step_is_skipped_by_the_fused_optimizer(caplog):
     assert all(torch.equal(before[k], v) for k, v in module.drafter.state_dict().items())  # not even weight decay
     assert [s["step"].item() for s in optimizer.state.values()] == state_steps
     assert module.skipped_empty_steps == 1 and "no supervised slot" in caplog.text
+
+
+def test_the_run_builds_fused_adamw_except_under_16_mixed(data, tmp_path):
+    from dflashtrain.train.recipe import optimizer_factory
+
+    params = [torch.nn.Parameter(torch.randn(3))]
+    assert optimizer_factory(_cfg(data, tmp_path))(params).defaults["fused"]
+    assert not optimizer_factory(_cfg(data, tmp_path, "trainer.precision=16-mixed"))(params).defaults["fused"]
+
+
+def test_model_drafter_compile_compiles_every_layer_and_keeps_the_names(data, tmp_path, monkeypatch):
+    """The flag reaches the drafter (the compiled run itself is measured in bench/RESULTS.md: it takes minutes)."""
+    from dflashtrain.models.dflash import DFlashDrafter, DrafterGeometry, compile_layers
+
+    g = DrafterGeometry(hidden_size=16, intermediate_size=32, num_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=8, rms_norm_eps=1e-6, rope_theta=1e4, target_layer_ids=[0],
+                        block_size=4, mask_token_id=19)
+    drafter = DFlashDrafter(g)
+    names = list(drafter.state_dict())
+    compile_layers(drafter)
+    assert list(drafter.state_dict()) == names
+    assert all(layer._compiled_call_impl is not None for layer in drafter.layers)
+
+    compiled = []
+    monkeypatch.setattr("dflashtrain.train.recipe.compile_layers", lambda d: compiled.append(d) or d)
+    run(_cfg(data, tmp_path / "a", "trainer.max_steps=1"))
+    assert compiled == []
+    run(_cfg(data, tmp_path / "b", "trainer.max_steps=1", "model.drafter.compile=true"))
+    assert len(compiled) == 1 and isinstance(compiled[0], DFlashDrafter)
