@@ -2,12 +2,13 @@
 
 The step is SpecForge's OnlineDFlashModel.forward (anchors, noise embedding, its dense-SDPA or flex mask, its
 DFlashDraftModel, checkpointed chunked lm_head + loss), backward, and SpecForge's BF16Optimizer (global grad norm,
-clipping, AdamW over fp32 master copies). The drafter starts from dflashtrain's weights (same parameter names).
+clipping, AdamW over fp32 master copies). The drafter starts from dflashtrain's weights (same parameter names). At
+a bf16 point it trains as SpecForge does: bf16 weights and target states (dflashtrain: fp32 weights, bf16 autocast).
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import warnings
 from typing import Dict, Optional
 
@@ -55,22 +56,21 @@ class PeerStep:
         if unexpected or [k for k in missing if "rotary" not in k]:
             raise RuntimeError(f"peer weights do not match: missing {missing}, unexpected {unexpected}")
         device = inputs.input_ids.device
+        lm_head, embed, self.tapped = inputs.lm_head, inputs.embed, inputs.tapped
+        if g.bf16:  # SpecForge's own bf16 training: bf16 weights and target states, fp32 masters in BF16Optimizer
+            draft = draft.to(torch.bfloat16)
+            lm_head, embed = (copy.deepcopy(m).to(torch.bfloat16) for m in (lm_head, embed))
+            self.tapped = inputs.tapped.to(torch.bfloat16)
         self.model = OnlineDFlashModel(
-            draft_model=draft.to(device), target_lm_head=inputs.lm_head, target_embed_tokens=inputs.embed,
+            draft_model=draft.to(device), target_lm_head=lm_head, target_embed_tokens=embed,
             mask_token_id=inputs.mask_token_id, block_size=g.block,
             attention_backend="flex_attention" if g.attention == "flex" else "sdpa", num_anchors=g.anchors,
             loss_decay_gamma=default_gamma(g.block), objective_chunk_blocks=g.chunk, loss_type=loss_type,
         )
         self.optimizer = BF16Optimizer(draft, lr=6e-4, max_grad_norm=1.0, total_steps=1000, warmup_ratio=0.04)
 
-    def autocast(self):
-        if not self.g.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.inputs.input_ids.device.type, dtype=torch.bfloat16)
-
     def __call__(self) -> torch.Tensor:
-        with self.autocast():
-            loss, _, _ = self.model(self.inputs.input_ids, self.inputs.tapped, self.inputs.loss_mask)
+        loss, _, _ = self.model(self.inputs.input_ids, self.tapped, self.inputs.loss_mask)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -80,8 +80,8 @@ class PeerStep:
         original = self.model._sample_anchor_positions
         self.model._sample_anchor_positions = lambda seq_len, loss_mask, device: (anchors, keep)
         try:
-            with torch.no_grad(), self.autocast():
-                loss, _, _ = self.model(self.inputs.input_ids, self.inputs.tapped, self.inputs.loss_mask)
+            with torch.no_grad():
+                loss, _, _ = self.model(self.inputs.input_ids, self.tapped, self.inputs.loss_mask)
         finally:
             self.model._sample_anchor_positions = original
         return loss
