@@ -160,3 +160,63 @@ def test_teacher_logits_are_the_head_at_label_pos_minus_one():
                 source = max(positions[b, n, k].item() - 1, 0)
                 expected = setup.lm_head(setup.final_hidden[b, source])
                 torch.testing.assert_close(got[b, n, k], expected)
+
+
+# ------------------------------------------------------------------------ the gradient taken in the forward pass
+def _dspark_case():
+    """DSpark with heads (trainable tensors the chunk reads besides hidden) over SEQ-like random data."""
+    from dflashtrain.families import get_family
+    from dflashtrain.families.dspark.heads import DSparkHeads
+
+    setup = Setup(label_offset=1)
+    torch.manual_seed(4)
+    heads = DSparkHeads(VOCAB, HIDDEN, 4, confidence=True)
+    nn.init.normal_(heads.markov.proj.weight, std=1.0)
+    family = get_family("dspark")
+    objective = make_objective("dspark")
+    return setup, heads, objective, (lambda h, sub: family.logits(h, sub, setup.lm_head, heads))
+
+
+def test_dspark_heads_and_hidden_gradients_equal_the_unchunked_ones():
+    setup, heads, objective, logits_fn = _dspark_case()
+    base = torch.randn(2, NUM_ANCHORS, BLOCK, HIDDEN, generator=torch.Generator().manual_seed(2))
+    results = []
+    for chunk_blocks, bounded in ((NUM_ANCHORS, False), (2, True), (1, True)):
+        heads.zero_grad(set_to_none=True)
+        hidden = base.clone().requires_grad_(True)
+        total, _ = chunked_objective(hidden, setup.blocks, objective, logits_fn, chunk_blocks, teacher=setup.teacher,
+                                     use_checkpoint=bounded)
+        loss = sum(alpha * total.terms[name] for name, alpha in objective.coefficients.items()) / total.weight_sum
+        (3.0 * loss).backward()
+        results.append((hidden.grad, {n: p.grad.clone() for n, p in heads.named_parameters()}, total))
+    for hgrad, grads, total in results[1:]:
+        torch.testing.assert_close(hgrad, results[0][0], rtol=1e-4, atol=1e-7)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, results[0][1][name], rtol=1e-4, atol=1e-7, msg=name)
+        for name in objective.coefficients:
+            torch.testing.assert_close(total.terms[name], results[0][2].terms[name], rtol=1e-5, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in results[0][1].values())
+
+
+def test_the_head_and_the_teacher_run_once_per_chunk(monkeypatch):
+    """No recompute: 3 chunks -> 3 drafter head GEMMs and 3 teacher ones in the forward, none in the backward."""
+    import dflashtrain.families.dspark.heads as dspark_heads
+
+    setup, heads, objective, logits_fn = _dspark_case()
+    drafter_calls, teacher_calls = [], []
+    original = dspark_heads.biased_head_logits
+    monkeypatch.setattr(dspark_heads, "biased_head_logits", lambda *a: drafter_calls.append(1) or original(*a))
+    setup.lm_head.register_forward_hook(lambda module, args, out: teacher_calls.append(1))  # the teacher's logits
+    hidden = torch.randn(2, NUM_ANCHORS, BLOCK, HIDDEN, requires_grad=True)
+    total, _ = chunked_objective(hidden, setup.blocks, objective, logits_fn, 2, teacher=setup.teacher)
+    assert (len(drafter_calls), len(teacher_calls)) == (3, 3)  # ⌈5 / 2⌉ chunks
+    (total.terms["ce"] * 0.1 + total.terms["l1"] * 0.9 + total.terms["bce"]).backward()
+    assert (len(drafter_calls), len(teacher_calls)) == (3, 3) and hidden.grad.abs().sum() > 0
+
+
+def test_terms_are_differentiable_along_the_coefficients_only():
+    setup, heads, objective, logits_fn = _dspark_case()
+    hidden = torch.randn(2, NUM_ANCHORS, BLOCK, HIDDEN, requires_grad=True)
+    total, _ = chunked_objective(hidden, setup.blocks, objective, logits_fn, 2, teacher=setup.teacher)
+    with pytest.raises(RuntimeError, match="differentiable along the coefficients"):
+        total.terms["l1"].backward()  # one term of three: not a multiple of Σ α_t·term_t

@@ -204,3 +204,65 @@ def test_drafter_dependencies_follow_the_rule():
                         assert (out[b, n, 0] - base[b, n, 0]).abs().max().item() > 1e-6 or not KEEP[b][n]
                     else:
                         assert changed < 1e-12, (b, n, n_bump)
+
+
+# ------------------------------------------------------------------------------------------ how the rule is built
+def _random_anchors(seed: int, batch: int, seq_len: int, num_blocks: int, dummies: bool):
+    gen = torch.Generator().manual_seed(seed)
+    anchors = torch.stack([torch.randperm(seq_len - 1, generator=gen)[:num_blocks].sort().values
+                           for _ in range(batch)])
+    keep = torch.ones(batch, num_blocks, dtype=torch.bool)
+    if dummies:  # dummy blocks come last, with anchor 0
+        for row, kept in enumerate(torch.randint(1, num_blocks, (batch,), generator=gen).tolist()):
+            keep[row, kept:], anchors[row, kept:] = False, 0
+    return anchors, keep
+
+
+def _full_tiles(block_mask) -> torch.Tensor:
+    counts, indices = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
+    out = torch.zeros(*counts.shape, indices.shape[-1], dtype=torch.bool)
+    for index in torch.nonzero(counts).tolist():
+        out[(*index, indices[(*index,)][: counts[(*index,)]].long())] = True
+    return out
+
+
+@pytest.mark.parametrize("seq_len,num_blocks,block,batch", [(300, 40, 16, 2), (129, 20, 7, 3), (64, 5, 3, 2),
+                                                             (256, 16, 16, 1)])
+@pytest.mark.parametrize("dummies", [False, True])
+def test_block_mask_from_the_anchors_equals_the_evaluated_mask_mod(seq_len, num_blocks, block, batch, dummies):
+    """anchor_block_mask (no mask evaluation) has exactly the partial and full tiles create_block_mask finds."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from dflashtrain.models.masks import anchor_block_mask
+
+    anchors, keep = _random_anchors(seq_len + num_blocks, batch, seq_len, num_blocks, dummies)
+    got = anchor_block_mask(anchors, keep, seq_len, block)
+    num_q = num_blocks * block
+    expected = create_block_mask(anchor_mask_mod(anchors, keep, seq_len, block), batch, None, num_q, seq_len + num_q,
+                                 device="cpu", _compile=False)
+    assert torch.equal(got.to_dense(), expected.to_dense())
+    assert torch.equal(_full_tiles(got), _full_tiles(expected))
+
+
+def test_cpu_key_groups_attend_exactly_as_the_whole_dense_mask():
+    """The CPU path attends group by group to the keys its rows can see: same values and gradients (fp64)."""
+    from dflashtrain.models.masks import key_groups
+
+    seq_len, num_blocks, block = 150, 24, 7  # 168 queries: two groups of 18 blocks and 6 blocks
+    anchors, keep = _random_anchors(1, 2, seq_len, num_blocks, dummies=True)
+    mask = AnchorAttentionMask.build(anchors, keep, seq_len, block, use_flex=False)
+    assert mask.groups is not None and len(mask.groups) == 2
+    assert mask.groups[0].context < seq_len  # keys past the group's largest anchor are skipped
+    whole = AnchorAttentionMask(query_keep=mask.query_keep, dense=mask.dense)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, num_blocks * block, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, seq_len + num_blocks * block, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    outputs = []
+    for m in (mask, whole):
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = attend(*inputs, m)
+        out.square().sum().backward()
+        outputs.append((out, *(t.grad for t in inputs)))
+    for got, expected in zip(*outputs):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert key_groups(mask.dense, anchors, keep, seq_len, block)[1].queries == slice(126, 168)

@@ -69,6 +69,20 @@ def test_tapped_states_are_layer_outputs(random_target_dir):
     torch.testing.assert_close(target.lm_head(states.final_hidden), logits, rtol=1e-5, atol=1e-5)
 
 
+def test_right_padding_leaves_the_real_positions_unchanged(random_target_dir):
+    """states() ignores attention_mask (no host read of it): right pads never reach real tokens."""
+    config = load_target_config(str(random_target_dir))
+    target = FrozenTarget.load(str(random_target_dir), "float32", [0, 2])
+    ids = torch.randint(0, config.vocab_size, (1, 6))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 3)], dim=1).long()
+    alone, with_pads = target.states(ids, torch.ones_like(ids)), target.states(padded, mask)
+    torch.testing.assert_close(with_pads.tapped[:, :6], alone.tapped, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(with_pads.final_hidden[:, :6], alone.final_hidden, rtol=1e-5, atol=1e-6)
+    reference = target.model.model(input_ids=padded, attention_mask=mask).last_hidden_state  # HF's own masking
+    torch.testing.assert_close(with_pads.final_hidden[:, :6], reference[:, :6], rtol=1e-5, atol=1e-6)
+
+
 def test_target_is_frozen(random_target_dir):
     target = FrozenTarget.load(str(random_target_dir), "float32", [1])
     assert not target.model.training

@@ -104,6 +104,7 @@ class DrafterConfig:
     attention: AttentionBackend = AttentionBackend.auto  # auto: flex on CUDA, SDPA elsewhere
     logits_chunk_blocks: int = 64  # blocks per lm_head + loss chunk (memory), per sequence
     markov_rank: int = 0  # dspark family only: low-rank bigram head rank; loss=dspark sets it
+    compile: bool = False  # torch.compile each drafter layer for training (first steps compile; bench/RESULTS.md)
     sliding_window: Optional[int] = None  # null: attend to every earlier position; W >= block_size: the last W
     # dflash2 family only (docs/dflash2.md): the dynamic convolutions and the candidate selector
     conv_kernel_size: int = 2  # taps of the in-block convolution (1 = the current slot only)

@@ -62,7 +62,9 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+    """x·cos + rotate_half(x)·sin in x's dtype (cos/sin are computed in fp32, then cast): fp32 is computed as
+    before bit for bit, and bf16 q/k are no longer copied to fp32 and back (as the serving engines do it)."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
 class DFlashAttention(nn.Module):
@@ -229,6 +231,15 @@ class DFlashDrafter(nn.Module):
             x = layer.forward_cached(x, cache.keys[index][:, :, first:], cache.values[index][:, :, first:], rope_q,
                                      window_mask)
         return self.norm(x)
+
+
+def compile_layers(drafter: DFlashDrafter) -> DFlashDrafter:
+    """``torch.compile`` every decoder layer in place (``model.drafter.compile``): parameter names, checkpoints and
+    exports are unchanged. Shapes that change between batches (the padded length) are compiled dynamic after the
+    first change."""
+    for layer in drafter.layers:
+        layer.compile()
+    return drafter
 
 
 class ContextCache:

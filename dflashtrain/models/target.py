@@ -129,8 +129,14 @@ class FrozenTarget:
 
     @torch.no_grad()
     def states(self, input_ids: Tensor, attention_mask: Tensor) -> TargetStates:
-        """One forward of the backbone (no LM head: the V-sized logits are never materialized here)."""
-        out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        """One forward of the backbone (no LM head: the V-sized logits are never materialized here).
+
+        Batches are right-padded (data/datamodule.py), so under causal attention no real position sees a pad and
+        ``attention_mask`` changes nothing the drafter reads; it is not passed, which spares transformers a host
+        read of the mask (a GPU synchronisation) and the materialized [S, S] mask. Pad positions are never
+        context nor label positions (their loss_mask is 0)."""
+        del attention_mask
+        out = self.model.model(input_ids=input_ids, output_hidden_states=True)
         # hidden_states[0] is the embedding output, so layer i's output is hidden_states[i + 1].
         tapped = torch.cat([out.hidden_states[i + 1] for i in self.layer_ids], dim=-1)
         return TargetStates(tapped=tapped, final_hidden=out.last_hidden_state)

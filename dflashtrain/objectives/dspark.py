@@ -27,7 +27,7 @@ from torch import Tensor
 
 from dflashtrain.config.schema import MaskMode
 from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, SlotChunk, constant_coefficients, unchanged_blocks
-from dflashtrain.objectives.slots import slot_cross_entropy, supervision_mask, weighted_sums
+from dflashtrain.objectives.slots import supervision_mask, weighted_sums
 from dflashtrain.objectives.metrics import SlotCounts, confidence_sums, summarize_confidence
 from dflashtrain.objectives.weights import decay_weights, first_drafted_offsets
 
@@ -36,7 +36,20 @@ CONFIDENCE_LOGITS = "confidence_logits"  # SlotChunk.extras key the dspark famil
 
 def l1_distance(logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """L1_k = Σ_v |softmax(z_k) − softmax(z_T,k)|. logits, teacher_logits [..., V] -> [...] fp32 in [0, 2]."""
-    return (torch.softmax(logits.float(), dim=-1) - torch.softmax(teacher_logits.float(), dim=-1)).abs().sum(dim=-1)
+    return ce_and_l1(logits, teacher_logits, None)[1]
+
+
+def ce_and_l1(logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor]) -> tuple:
+    """(CE_k or None, L1_k) from one log-softmax of z: p = exp(log p), CE = −log p[label], L1 = ‖p − p_t‖₁.
+
+    logits, teacher_logits [..., V], labels [...] -> ([...], [...]) fp32. The teacher's softmax has no gradient.
+    """
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    with torch.no_grad():
+        target = torch.softmax(teacher_logits.float(), dim=-1)
+    l1 = torch.linalg.vector_norm(log_p.exp() - target, ord=1, dim=-1)
+    ce = None if labels is None else -log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return ce, l1
 
 
 def confidence_target(l1: Tensor) -> Tensor:
@@ -67,9 +80,9 @@ class DSparkObjective:
             raise ValueError("loss=dspark needs the target's logits at label_pos − 1 (needs_teacher)")
         weights = decay_weights(first_drafted_offsets(chunk.drafted), self.gamma)  # [b, c, B]: exp(−k/γ)
         mask = supervision_mask(chunk.valid, chunk.drafted, self.mask_mode)  # [b, c, B]
-        l1 = l1_distance(chunk.logits, chunk.teacher_logits)  # [b, c, B]
+        ce, l1 = ce_and_l1(chunk.logits, chunk.teacher_logits, chunk.labels)  # [b, c, B] each
         c_star = confidence_target(l1)
-        per_slot = {"ce": slot_cross_entropy(chunk.logits, chunk.labels), "l1": l1}
+        per_slot = {"ce": ce, "l1": l1}
         confidence = None
         if self.uses_confidence:
             if CONFIDENCE_LOGITS not in chunk.extras:

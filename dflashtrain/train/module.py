@@ -154,7 +154,8 @@ class DraftModule(L.LightningModule):
         if self.objective.needs_teacher:
             teacher = lambda positions: teacher_logits(states.final_hidden, positions, self.target.lm_head)  # noqa: E731
         total, counts = chunked_objective(hidden, blocks, self.objective, self.chunk_logits, chunk_blocks,
-                                          teacher=teacher, use_checkpoint=use_checkpoint)
+                                          teacher=teacher, use_checkpoint=use_checkpoint,
+                                          coefficients=self.coefficients() if self._trainer is not None else None)
         return total, counts, blocks
 
     def reduce(self, total: ChunkLoss, num_sequences: int, counts: Optional[SlotCounts] = None) -> Tensor:

@@ -36,6 +36,7 @@ from dflashtrain.data.chat import ChatFormat
 from dflashtrain.data.datamodule import ChatDataModule
 from dflashtrain.data.features import CachedTarget, check_manifest, expected_entries, read_manifest
 from dflashtrain.families import family_checks, get_family
+from dflashtrain.models.dflash import compile_layers
 from dflashtrain.models.target import FrozenTarget, drafter_geometry, load_tokenizer, resolve_mask_token_id
 from dflashtrain.objectives import build_objective
 from dflashtrain.report.jobs import recorded_run
@@ -77,6 +78,28 @@ def build_tau_eval(cfg: DictConfig, tokenizer) -> List[L.Callback]:
         every_n_steps=cfg.eval.every_n_steps,
         max_new_tokens=cfg.eval.max_new_tokens,
     )]
+
+
+def adamw(params, *, lr: float, betas: tuple, eps: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) where the parameters'
+    device supports it, else the default implementation."""
+    params = list(params)
+    if fused:
+        try:
+            return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        except RuntimeError:  # a device without fused kernels
+            pass
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def optimizer_factory(cfg: DictConfig) -> Callable[..., torch.optim.Optimizer]:
+    """The run's optimizer, built once the parameters are on their device (DraftModule.configure_optimizers).
+
+    Not fused under ``16-mixed``: Lightning cannot clip the gradients of an optimizer that unscales them itself.
+    """
+    optim = cfg.optim
+    return functools.partial(adamw, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay, fused=cfg.trainer.precision != "16-mixed")
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
@@ -130,6 +153,8 @@ def train(cfg: DictConfig, output_dir: Path, resume: Optional[ResumePoint], targ
     optim = cfg.optim
     lr_factor = warmup_cosine(cfg.trainer.max_steps, optim.warmup_ratio, optim.min_lr_ratio)
     drafter = family.build_drafter(geometry, head_options)
+    if cfg.model.drafter.compile:
+        compile_layers(drafter)
     checkpoint_cfg = cfg.checkpoint
     stop = SaveOnStop(checkpoint_dir, checkpoint_cfg.every_n_train_steps, checkpoint_cfg.save_last,
                       checkpoint_cfg.save_top_k)
@@ -150,9 +175,7 @@ def train(cfg: DictConfig, output_dir: Path, resume: Optional[ResumePoint], targ
         target=target,
         objective=objective,
         family=family,
-        optimizer=functools.partial(
-            torch.optim.AdamW, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
-        ),
+        optimizer=optimizer_factory(cfg),
         lr_factor=lr_factor,
         num_anchors=data.num_anchors,
         chunk_blocks=cfg.model.drafter.logits_chunk_blocks,

@@ -77,11 +77,23 @@ def slot_logits(hidden: Tensor, prev: Tensor, lm_head: nn.Module, heads: Optiona
 
     hidden [..., d], prev [...] -> (logits [..., V], confidence logits [...] or None).
     """
-    logits = head_logits(hidden, lm_head)
     if heads is None:
-        return logits, None
+        return head_logits(hidden, lm_head), None
     bias, confidence = heads(hidden, prev)
-    return logits + bias.to(logits.dtype), confidence
+    return biased_head_logits(hidden, lm_head, bias), confidence
+
+
+def biased_head_logits(hidden: Tensor, lm_head: nn.Linear, bias: Tensor) -> Tensor:
+    """lm_head(h) + bias as one GEMM that accumulates into the bias (addmm), on the flattened rows: no V-wide add.
+
+    hidden [..., d], bias [..., V] -> [..., V].
+    """
+    if lm_head.bias is not None:
+        bias = bias + lm_head.bias
+    weight = lm_head.weight
+    rows = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
+    flat_bias = bias.reshape(rows.shape[0], -1).to(weight.dtype)
+    return torch.addmm(flat_bias, rows, weight.t()).view(*hidden.shape[:-1], -1)
 
 
 def teacher_forced_prev(blocks: DraftBlocks) -> Tensor:
