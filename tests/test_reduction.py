@@ -96,7 +96,7 @@ def test_an_empty_step_is_skipped_and_the_factor_is_one_without_accumulation():
     window.add(sums(0.0), rows=1)  # an empty first micro-batch: P = 1, not ε
     assert window.provisional.item() == 1.0
     window.add(sums(3.0), rows=1)
-    factor, step = window.close(accumulate_grad_batches=2)
+    factor, step, _ = window.close(accumulate_grad_batches=2)
     assert factor == pytest.approx(2 * 1.0 / 3.0) and step.total.terms["ce"].item() == 6.0
     window.add(sums(0.0), rows=1)
     assert window.close(accumulate_grad_batches=1)[0] is None  # D = 0: the step is skipped

@@ -26,6 +26,7 @@ from dflashtrain.models.target import head_logits
 from dflashtrain.objectives.metrics import SlotCounts, count_slots
 from dflashtrain.objectives.protocol import ChunkLoss, Objective, SlotChunk
 
+CHECK_ON_CPU = True  # check the contract on CPU, where reading the upstream gradient costs nothing (NaN: the guard's)
 # (hidden chunk [b, c, B, d], blocks chunk) -> (logits [b, c, B, V], extras)
 LogitsFn = Callable[[Tensor, DraftBlocks], Tuple[Tensor, Dict[str, Tensor]]]
 
@@ -132,7 +133,7 @@ class PrecomputedGradient(torch.autograd.Function):
     def backward(ctx, upstream: Tensor):
         (alphas,) = ctx.saved_tensors
         scale = (upstream * alphas).sum() / (alphas * alphas).sum()
-        checkable = upstream.device.type == "cpu" and bool(torch.isfinite(upstream).all())  # NaN: for the guard
+        checkable = CHECK_ON_CPU and upstream.device.type == "cpu" and bool(torch.isfinite(upstream).all())
         if checkable and not torch.allclose(upstream, scale * alphas, rtol=1e-5, atol=0.0):
             raise RuntimeError(f"chunked objective terms are differentiable along the coefficients {alphas.tolist()} "
                                f"only; got an upstream gradient {upstream.tolist()}")

@@ -1,9 +1,9 @@
 """Reliability guards: a run stops cleanly on a non-finite loss and keeps its good checkpoints.
 
-* :class:`NonFiniteGuard` (a Lightning callback) checks the loss before ``backward`` and the gradients before the
+* :class:`NonFiniteGuard` (a Lightning callback) checks the losses and the gradients of a step before its
   optimizer step. On a non-finite value it saves the weights as they are (still those of the last good step: the
   bad step never reached the optimizer) to ``checkpoints/last-good-step{global_step:07d}.ckpt`` and raises
-  :class:`NonFiniteLossError`, naming the step and the batch's ``sample_ids`` (``file:N`` of each row). Its data
+  :class:`NonFiniteLossError`, naming the step and its batches' ``sample_ids`` (``file:N`` of each row). Its data
   position is past the bad batch: a run resumed from it continues with the next batch.
 
 Every decision that stops training is reduced over ranks, so all ranks stop at the same step (no rank is left
@@ -13,14 +13,11 @@ waiting in a collective). Output directories are guarded in :mod:`dflashtrain.tr
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, List
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 
 
 LAST_GOOD = "last-good-step{step:07d}"  # global_step = optimizer steps already applied to the saved weights
@@ -50,15 +47,17 @@ def unused_path(path: Path) -> Path:
 
 
 class NonFiniteGuard(Callback):
-    """Stop on a non-finite loss (before backward) or gradient (before the optimizer step), keeping good weights.
+    """Stop on a non-finite loss or gradient before the optimizer step, keeping the good weights.
 
-    The gradient check is off under a GradScaler (``16-mixed``): the scaler itself skips steps with inf gradients.
+    It reads the module's :meth:`~dflashtrain.train.module.DraftModule.step_report`, the step's one host read (the
+    loss flags of every micro-batch and the gradient norm, summed over ranks on the device), so checking costs no
+    extra synchronisation. The gradient check is off under a GradScaler (``16-mixed``): the scaler itself skips
+    steps with inf gradients.
     """
 
     def __init__(self, checkpoint_dir: str | Path):
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.batch_ids: List[int] = []  # sample ids of the current micro-batch
-        self.step_ids: List[int] = []  # sample ids of every micro-batch since the last optimizer step
+        self.step_ids: List[str] = []  # sample ids of every micro-batch since the last optimizer step
         self.step_of_ids = -1
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
@@ -66,25 +65,16 @@ class NonFiniteGuard(Callback):
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # file:N strings (a tensor in hand-made batches)
         if trainer.global_step != self.step_of_ids:  # a new optimizer step (accumulation window) begins
             self.step_ids, self.step_of_ids = [], trainer.global_step
-        self.batch_ids = ids
         self.step_ids += ids
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        value = loss.detach().float()
-        local_bad = not bool(torch.isfinite(value).all())
-        if trainer.strategy.reduce_boolean_decision(local_bad, all=False):
-            what = f"loss {value.item()}" if local_bad else "loss on another rank"
-            self.stop(trainer, what, self.batch_ids if local_bad else [])
-
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
-        local_bad = not math.isfinite(norm)
-        if trainer.strategy.reduce_boolean_decision(local_bad, all=False):
-            what = f"gradient (norm {norm})" if local_bad else "gradient on another rank"
-            self.stop(trainer, what, self.step_ids if local_bad else [])
+        report = pl_module.step_report()
+        if report.bad_loss:
+            what = f"loss {report.local_loss}" if report.local_bad_loss else "loss on another rank"
+            self.stop(trainer, what, self.step_ids if report.local_bad_loss else [])
+        if report.bad_grad and getattr(trainer.precision_plugin, "scaler", None) is None:
+            what = f"gradient (norm {report.grad_norm})" if report.local_bad_grad else "gradient on another rank"
+            self.stop(trainer, what, self.step_ids if report.local_bad_grad else [])
 
     def stop(self, trainer: L.Trainer, what: str, sample_ids: List[int]) -> None:
         """Save the untouched weights, then raise. Called on every rank (saving is collective)."""

@@ -28,6 +28,7 @@ from dflashtrain.objectives.protocol import ChunkLoss, Objective, check_objectiv
 from dflashtrain.train.reduction import (
     EPS,
     AccumulationWindow,
+    StepReport,
     loss_numerator,
     local_sums,
     pack,
@@ -91,7 +92,9 @@ class DraftModule(L.LightningModule):
         self.shard = shard  # fsdp2: shards the drafter and heads in configure_model (train/parallelism.py)
         self.skipped_empty_steps = 0
         self.window = AccumulationWindow()  # the micro-batches of the current optimizer step
+        self.report: Optional[StepReport] = None  # the step's host read, from its first reader to its optimizer step
         self._step_started = 0.0
+        self._step_values: Dict[str, Tensor] = {}  # this rank's tokens, loss sum, non-finite losses in the window
 
     # ------------------------------------------------------------------------------------------ wiring
     def setup(self, stage: str) -> None:
@@ -120,9 +123,9 @@ class DraftModule(L.LightningModule):
         on any rank and in any batch the row lands in.
         """
         rng = RowGenerators(self.seed, self.current_epoch, batch["row_keys"], batch["loss_mask"].device)
+        # A batch without any anchor gives dummy blocks only: no supervised slot, so the step is skipped (no host
+        # read here; see step_report).
         anchors, keep = sample_anchors(batch["loss_mask"], self.num_anchors, uniforms=rng.uniform(self.max_length))
-        if not keep.any():
-            raise ValueError(f"no valid anchor in the batch (sample ids {list(batch['sample_ids'])})")
         geometry = self.drafter.geometry
         blocks = make_blocks(batch["input_ids"], batch["loss_mask"], anchors, keep, geometry.block_size,
                              geometry.mask_token_id, self.objective.label_offset)
@@ -173,30 +176,69 @@ class DraftModule(L.LightningModule):
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         total, counts, _ = self.forward_loss(batch, self.chunk_blocks)
+        self.add_to_step(tokens=batch["attention_mask"].sum())
         return self.reduce(total, batch["input_ids"].shape[0], counts)
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        """The loss backward runs on (what training_step returned), checked with the gradients at the step's read."""
+        loss = loss.detach().float()
+        self.add_to_step(loss=loss, bad_loss=(~torch.isfinite(loss)).float())
+
+    def add_to_step(self, **values: Tensor) -> None:
+        """Sum device scalars over the micro-batches of the step (read once, in step_report)."""
+        for name, value in values.items():
+            self._step_values[name] = value + self._step_values[name] if name in self._step_values else value
+
+    def step_report(self) -> StepReport:
+        """The step's one host read, once all its micro-batches are reduced (the NaN guard reads it first).
+
+        The window's global sums, the gradient norm and the non-finite flags (summed over ranks in one collective on
+        the device) come back in one copy; everything logged and decided for the step is taken from it.
+        """
+        if self.report is None:
+            grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+            zero = torch.zeros((), device=self.device)
+            norm = torch.nn.utils.get_total_norm(grads).float() if grads else zero
+            local = {"grad_norm": norm, "tokens": self._step_values.get("tokens", zero),
+                     "loss": self._step_values.get("loss", zero),
+                     "local_bad_loss": self._step_values.get("bad_loss", zero),
+                     "local_bad_grad": (~torch.isfinite(norm)).float()}
+            flags = torch.stack([local["local_bad_loss"], local["local_bad_grad"]])
+            if self.trainer.world_size > 1:  # every rank decides the same: one collective, on the device
+                flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+            rows = self.window.rows * self.trainer.world_size
+            factor, sums, host = self.window.close(self.trainer.accumulate_grad_batches,
+                                                   {**local, "bad_loss": flags[0], "bad_grad": flags[1]})
+            self.report = StepReport(
+                factor=factor, sums=sums, loss=loss_numerator(sums.total, self.coefficients()) / (sums.den + EPS),
+                rows=rows, grad_norm=float(host["grad_norm"]) * (factor or 1.0), tokens=float(host["tokens"]),
+                local_loss=float(host["loss"]), bad_loss=bool(host["bad_loss"] > 0),
+                local_bad_loss=bool(host["local_bad_loss"] > 0), bad_grad=bool(host["bad_grad"] > 0),
+                local_bad_grad=bool(host["local_bad_grad"] > 0))
+            self._step_values = {}
+        return self.report
 
     def finish_step(self) -> None:
         """Before the optimizer step: make the gradients those of the step's global mean (or drop them when the
-        step has no supervised slot anywhere), then log the step's global values."""
-        rows = self.window.rows * self.trainer.world_size
-        factor, sums = self.window.close(self.trainer.accumulate_grad_batches)
-        if factor is None:
+        step has no supervised slot anywhere), then log the step's global values (host copies: no device read)."""
+        report = self.step_report()
+        if report.factor is None:
             for p in self.trainable_parameters():
                 p.grad = None  # the optimizer skips parameters without a gradient
             self.skipped_empty_steps += 1
             log.warning("step %d: no supervised slot in the global batch; skipped (%d so far)",
                         self.global_step, self.skipped_empty_steps)
             return
-        scale_gradients(self.trainable_parameters(), factor)
-        loss = loss_numerator(sums.total, self.coefficients()) / (sums.den + EPS)
-        self.log_step(loss, sums.total, sums.counts, rows)
+        scale_gradients(self.trainable_parameters(), report.factor)
+        self.log_step(report.loss, report.sums.total, report.sums.counts, report.rows)
+        self.log("train/grad_norm", torch.tensor(report.grad_norm), batch_size=report.rows)
 
     # ------------------------------------------------------------------------------------------ logging
     def log_step(self, loss: Tensor, total: ChunkLoss, counts: SlotCounts, size: int) -> None:
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
         den = total.weight_sum.clamp(min=EPS)
         for name in self.objective.coefficients:  # each term un-weighted by its α: Σ w·m·ℓ / Σ w·m
-            self.log(f"train/{name}", total.terms[name].detach() / den, batch_size=size)
+            self.log(f"train/{name}", total.terms[name] / den, batch_size=size)
         metrics = summarize(counts)
         metrics.update(self.objective.metrics(total, counts))
         for name, value in metrics.items():
@@ -204,25 +246,27 @@ class DraftModule(L.LightningModule):
         mean_weight = total.slot_weight_sum / counts.valid.clamp(min=1)
         for k in torch.nonzero(counts.valid).flatten().tolist():
             self.log(f"train/weight_k/{k}", mean_weight[k], batch_size=size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        self.log("train/lr", torch.tensor(float(self.optimizers().param_groups[0]["lr"])), batch_size=size)
         for name, alpha in self.coefficients().items():  # where a schedule (DFlash2's selector ramp) stands
-            self.log(f"train/coefficient/{name}", alpha, batch_size=size)
+            self.log(f"train/coefficient/{name}", torch.tensor(float(alpha)), batch_size=size)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
+        if self.window.sums is None:  # the first micro-batch of an optimizer step
+            self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Whole-step time (forward, backward, optimizer) and throughput in tokens of the local batch."""
+        """Whole-step time (forward, backward, optimizer; on a GPU the host waits for the device at the step's read)
+        and throughput in real tokens of this rank's micro-batches of the step."""
+        report = self.report
+        if report is None:  # within an accumulation window: the step is not done yet
+            return
+        self.report = None  # the optimizer step has run
         elapsed = max(time.perf_counter() - self._step_started, 1e-9)
-        size = batch["input_ids"].shape[0]
-        self.log("train/step_time", elapsed, batch_size=size)
-        self.log("train/tokens_per_s", batch["attention_mask"].sum().float() / elapsed, batch_size=size)
+        self.log("train/step_time", torch.tensor(elapsed), batch_size=report.rows)
+        self.log("train/tokens_per_s", torch.tensor(report.tokens / elapsed), batch_size=report.rows)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.finish_step()
-        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm())
 
     # ------------------------------------------------------------------------------------------ optim, ckpt
     def configure_optimizers(self):

@@ -113,6 +113,23 @@ def unpack(flat: Tensor, like: StepSums) -> StepSums:
     return StepSums.from_tensors(named)
 
 
+@dataclass
+class StepReport:
+    """What the host knows of one optimizer step after its one read (all host values)."""
+
+    factor: Optional[float]  # the gradient factor, or None: no supervised slot anywhere, the step is skipped
+    sums: StepSums  # the step's global sums
+    loss: Tensor  # the step's global loss (a CPU scalar)
+    rows: int  # sequences in the global step
+    grad_norm: float  # ‖∇‖₂ of the step's gradients (after the factor; this rank's shard under FSDP)
+    tokens: float  # this rank's real tokens in the step
+    local_loss: float  # the sum of the losses backward ran on, on this rank
+    bad_loss: bool  # a non-finite loss on some rank (the NaN guard's flags: every rank sees the same)
+    local_bad_loss: bool  # ... on this rank
+    bad_grad: bool  # a non-finite gradient on some rank
+    local_bad_grad: bool  # ... on this rank
+
+
 class AccumulationWindow:
     """The micro-batches of one optimizer step: the provisional denominator P and the running global sums."""
 
@@ -130,19 +147,26 @@ class AccumulationWindow:
         self.rows += rows
         return self.provisional
 
-    def close(self, accumulate_grad_batches: int) -> tuple[Optional[float], StepSums]:
-        """End the window: (the gradient factor k·(P + ε)/(D + ε), or None when D = 0; the window's sums).
+    def close(self, accumulate_grad_batches: int, extra: Optional[Dict[str, Tensor]] = None
+              ) -> tuple[Optional[float], StepSums, Dict[str, Tensor]]:
+        """End the window: (the gradient factor k·(P + ε)/(D + ε), or None when D = 0; the window's sums; ``extra``),
+        all on the host.
 
-        The one host read of the step is here (D decides whether the step is skipped).
+        This is the one host read of the step: the sums, P and the caller's ``extra`` scalars (the NaN guard's flags,
+        the grad norm) come back in one device -> host copy; D decides whether the step is skipped.
         """
         if self.sums is None:
             raise RuntimeError("no micro-batch was reduced in this optimizer step")
-        sums, provisional = self.sums, self.provisional
+        sums, provisional, extra = self.sums, self.provisional, dict(extra or {})
         self.sums, self.provisional, self.rows = None, None, 0
+        scalars = [provisional, *extra.values()]
+        host = torch.cat([pack(sums), *(t.detach().reshape(1).float() for t in scalars)]).cpu()
+        size = host.numel() - len(scalars)
+        sums = unpack(host[:size], like=sums)
+        provisional, *values = host[size:].unbind(0)
         den = float(sums.den)
-        if den <= 0:
-            return None, sums
-        return accumulate_grad_batches * (float(provisional) + EPS) / (den + EPS), sums
+        factor = None if den <= 0 else accumulate_grad_batches * (float(provisional) + EPS) / (den + EPS)
+        return factor, sums, dict(zip(extra, values))
 
 
 def scale_gradients(parameters: List[torch.nn.Parameter], factor: float) -> None:
