@@ -219,10 +219,10 @@ def test_hardware_that_is_not_there_is_refused(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for devices in ("[0,2]", "3"):
         with pytest.raises(ConfigError, match="^parallelism.devices"):
-            validate(compose_train([*base_overrides(inputs, tmp_path), "trainer.accelerator=gpu",
+            validate(compose_train([*base_overrides(inputs, tmp_path), "trainer.accelerator=gpu", "parallelism=ddp",
                                     f"parallelism.devices={devices}", "trainer.precision=bf16-mixed"]))
-    validate(compose_train([*base_overrides(inputs, tmp_path), "trainer.accelerator=gpu", "parallelism.devices=[0,1]",
-                            "model.drafter.attention=flex"]))
+    validate(compose_train([*base_overrides(inputs, tmp_path), "trainer.accelerator=gpu", "parallelism=ddp",
+                            "parallelism.devices=[0,1]", "model.drafter.attention=flex"]))
 
 
 def test_several_nodes_need_a_launcher_that_started_them(inputs, tmp_path, monkeypatch):

@@ -202,7 +202,8 @@ def test_no_room_for_the_estimate_refuses_to_start(tmp_path, data, monkeypatch):
 
 
 def test_a_bfloat16_cache_round_trips(tmp_path_factory, data):
-    cfg, manifest, out = write(tmp_path_factory, data, "bf16", "model.target.dtype=bfloat16")
+    cfg, manifest, out = write(tmp_path_factory, data, "bf16", "model.target.dtype=bfloat16",
+                               "trainer.precision=bf16-mixed")
     assert manifest["feature_dtypes"] == {"tapped": "bfloat16"} and manifest["target_dtype"] == "bfloat16"
     assert abs(manifest["bytes"] / manifest["bytes_estimate"] - 1) < 0.05
     tokenizer = load_tokenizer(cfg.model.target.path)

@@ -50,7 +50,7 @@ def first(data, tmp_path_factory) -> Path:
     (["loss.gamma=2"], "loss.gamma"),
     (["loss.target=kd"], "loss.target"),
     (["model.drafter.num_layers=3"], "model.drafter.num_layers"),
-    (["data.batch_size=2"], "data.batch_size"),
+    (["data.shuffle=false"], "data.shuffle"),
     (["data.num_anchors=4"], "data.num_anchors"),
     (["seed=1"], "seed"),
     (["trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches"),
@@ -108,7 +108,7 @@ def test_what_a_resume_may_change(tmp_path):
         "logger.name", "checkpoint.every_n_train_steps", "eval.every_n_steps", "paths.output_dir", "resume_from")}
     assert {k for k, v in verdicts.items() if v == "refuse"} == {
         "loss.gamma", "loss.ce_alpha", "model.drafter.block_size", "model.drafter.markov_rank", "seed",
-        "data.batch_size", "data.shuffle", "trainer.accumulate_grad_batches", "data.chat_template", "data.format"}
+        "data.shuffle", "trainer.accumulate_grad_batches", "data.chat_template", "data.format"}
     assert {k for k, v in verdicts.items() if v == "free"} == {
         "logger.name", "checkpoint.every_n_train_steps", "eval.every_n_steps", "paths.output_dir", "resume_from"}
 

@@ -151,8 +151,9 @@ def _validate_run(cfg: DictConfig) -> None:
         raise ConfigError("parallelism.devices", f"must be auto, -1, a count >= 1 or a list of ids; got {devices!r}")
     one_device = devices == 1 or (OmegaConf.is_list(devices) and len(devices) == 1)
     if parallelism.strategy == Strategy.auto and not (one_device and parallelism.num_nodes == 1):
-        raise ConfigError("parallelism.devices", "parallelism=single runs one process on one device; use "
-                                                 "parallelism=ddp (or fsdp2, fsdp) for more")
+        raise ConfigError("parallelism.devices" if not one_device else "parallelism.num_nodes",
+                          "parallelism=single runs one process on one device; use parallelism=ddp (or fsdp2, fsdp) "
+                          "for more")
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError("optim.betas", f"must be two values in [0, 1), got {betas}")

@@ -151,7 +151,10 @@ class ChatDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = GlobalBatchSampler(len(self.train_set), self.batch_size, self.shuffle, self.seed, rank, world)
         if self.resume_position is not None:
-            sampler.set_position(self.resume_position["epoch"], resumed_batches(self.resume_position, sampler))
+            epoch, done = self.resume_position["epoch"], resumed_batches(self.resume_position, sampler)
+            if done >= len(sampler):  # saved after an epoch's last batch: Lightning goes on with the next epoch
+                epoch, done = epoch + 1, 0
+            sampler.set_position(epoch, done)
             self.resume_position = None
         collate = self.collator()
         return DataLoader(

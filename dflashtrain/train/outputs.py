@@ -88,7 +88,7 @@ def unlock_dir(directory: Path) -> None:
 def claim_dir(path: str) -> str:
     """The ``unique_dir`` resolver: ``path`` if this call creates it, else the first free ``path_<n>``. OmegaConf
     caches a resolver's value in the config (and in Hydra's copies of it), so a run claims once."""
-    if launcher_rank() != 0:  # the other ranks of a run use rank 0's directory, they do not claim one
+    if launcher_rank() != 0 or in_multirun():  # other ranks use rank 0's directory; a sweep job runs in the sweep dir
         return path
     base = Path(path)
     try:
@@ -103,6 +103,14 @@ def claim_dir(path: str) -> str:
     except OSError as error:
         raise ConfigError("hydra.run.dir", f"cannot create {base}: {error.strerror or error}") from None
     return str(candidate)
+
+
+def in_multirun() -> bool:
+    """Whether Hydra composes a multirun (hydra.run.dir is then unused: it must not be created)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def holds_run(directory: Path, subdir: str) -> bool:

@@ -45,7 +45,7 @@ RESUME_RULES: List[Tuple[str, str, str]] = [
     ("model.drafter.", "refuse", SHAPE),
     ("loss.", "refuse", OBJECTIVE),
     ("seed", "refuse", DATA),
-    ("data.batch_size", "refuse", DATA),
+    ("data.batch_size", "apply", ""),  # another global batch continues at its first untrained row (datamodule)
     ("data.max_length", "refuse", DATA),
     ("data.num_anchors", "refuse", DATA),
     ("data.shuffle", "refuse", DATA),
