@@ -198,7 +198,10 @@ class DraftModule(L.LightningModule):
         if self.report is None:
             grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
             zero = torch.zeros((), device=self.device)
-            norm = torch.nn.utils.get_total_norm(grads).float() if grads else zero
+            norm = torch.nn.utils.get_total_norm(grads) if grads else zero
+            if hasattr(norm, "full_tensor"):  # fsdp2: a norm of gradient shards (DTensor); its full value, on device
+                norm = norm.full_tensor()
+            norm = norm.float()
             local = {"grad_norm": norm, "tokens": self._step_values.get("tokens", zero),
                      "loss": self._step_values.get("loss", zero),
                      "local_bad_loss": self._step_values.get("bad_loss", zero),

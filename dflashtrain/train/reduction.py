@@ -121,7 +121,7 @@ class StepReport:
     sums: StepSums  # the step's global sums
     loss: Tensor  # the step's global loss (a CPU scalar)
     rows: int  # sequences in the global step
-    grad_norm: float  # ‖∇‖₂ of the step's gradients (after the factor; this rank's shard under FSDP)
+    grad_norm: float  # ‖∇‖₂ of the step's gradients (after the factor; under fsdp the norm of this rank's shard)
     tokens: float  # this rank's real tokens in the step
     local_loss: float  # the sum of the losses backward ran on, on this rank
     bad_loss: bool  # a non-finite loss on some rank (the NaN guard's flags: every rank sees the same)
