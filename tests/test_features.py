@@ -19,6 +19,7 @@ from dflashtrain.families import family_checks, get_family
 from dflashtrain.models.target import FrozenTarget, drafter_geometry, load_target_config, load_tokenizer
 from dflashtrain.objectives import build_objective
 from dflashtrain.train import cache as cache_app
+from dflashtrain.train.reduction import loss_numerator
 from factories import make_module
 
 register_configs()
@@ -120,7 +121,7 @@ def test_a_step_from_the_cache_equals_the_online_step(which, request, data):
     losses = []
     for module, batch in ((online, online_batch), (cached, cached_batch)):
         total, _, _ = module.forward_loss(batch, chunk_blocks=4)
-        loss = sum(total.terms.values()) / total.weight_sum
+        loss = loss_numerator(total, module.objective.coefficients) / total.weight_sum  # the step's form
         loss.backward()
         losses.append((loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
     (online_loss, online_grads), (cached_loss, cached_grads) = losses

@@ -4,6 +4,8 @@ table is its output for the Qwen3-8B recipe."""
 
 from __future__ import annotations
 
+import weakref
+
 import re
 from pathlib import Path
 
@@ -33,7 +35,9 @@ def flex_like_attend(query, key, value, mask):
 
 
 def saved_bytes(module, batch, mixed: bool) -> int:
-    """Bytes of the distinct storages the step's forward saves for backward, parameters excluded."""
+    """Bytes of the distinct storages the step's forward saves for backward and still holds when it returns
+    (a loss chunk's own graph is freed inside the forward once its gradient is taken), parameters excluded; plus
+    the chunk gradients the loss holds for the backward (objectives/chunked.py)."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     params |= {p.untyped_storage().data_ptr() for p in module.target.model.parameters()}
     storages = {}
@@ -41,13 +45,16 @@ def saved_bytes(module, batch, mixed: bool) -> int:
     def pack(tensor):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
+            storages[storage.data_ptr()] = (storage.nbytes(), weakref.ref(tensor))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
-            module.forward_loss(batch, module.chunk_blocks)
-    return sum(storages.values())
+            total, _, _ = module.forward_loss(batch, module.chunk_blocks)
+    held = sum(size for size, alive in storages.values() if alive() is not None)
+    node = next(iter(total.terms.values())).grad_fn  # the unbind of PrecomputedGradient's output
+    (precomputed, _), = node.next_functions
+    return held + sum(g.numel() * g.element_size() for g in precomputed.grads)
 
 
 @pytest.mark.parametrize("mixed", [False, True])

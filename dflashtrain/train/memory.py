@@ -62,7 +62,7 @@ def drafter_activation_bytes(s: StepShapes, mixed: bool) -> int:
 
 
 def logits_chunk_bytes(s: StepShapes, mixed: bool) -> int:
-    """One chunk of logits during its recomputation in the backward pass, r = b·chunk_blocks·B rows:
+    """One chunk of logits while its loss and gradient are taken (in the forward pass), r = b·chunk_blocks·B rows:
     fp32 logits, log-softmax and their gradient, 3·r·V·4 (+ the bf16 matmul output r·V·2 under autocast)."""
     rows = s.batch * min(s.chunk_blocks, s.num_anchors) * s.block_size
     return rows * s.vocab * (3 * FP32 + (BF16 if mixed else 0))
