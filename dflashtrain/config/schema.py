@@ -341,7 +341,7 @@ class CheckpointConfig:
 
 @dataclass
 class PathsConfig:
-    output_dir: str = "${hydra:runtime.output_dir}"
+    output_dir: str = "${run_dir:}"
 
 
 @dataclass
@@ -395,7 +395,7 @@ class RegenConfig:
 
     model: RegenModelConfig = field(default_factory=RegenModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    output_dir: str = "${hydra:runtime.output_dir}/data"
+    output_dir: str = "${run_dir:}/data"
     batch_size: int = 16  # conversations generated together
     max_new_tokens: int = 1024  # per assistant turn; a turn cut here is kept and counted
     temperature: float = 0.0  # 0: greedy; > 0: sampling with top_p and top_k
@@ -442,7 +442,7 @@ class EvalConfig:
     seed: int = 0
     baseline: bool = True  # also decode with block size 1 (plain target) for speedup and tokens/s
     device: str = "auto"  # auto: cuda if available, else cpu
-    output_dir: str = "${hydra:runtime.output_dir}"  # eval.json and tensorboard/
+    output_dir: str = "${run_dir:}"  # eval.json and tensorboard/
 
 
 @dataclass
@@ -450,7 +450,7 @@ class ExportConfig:
     """`dflashtrain-export`: a training checkpoint -> the HF drafter directory (docs/export.md), verified by load-back."""
 
     ckpt_path: str = "latest"
-    output_dir: str = "${hydra:runtime.output_dir}/drafter"
+    output_dir: str = "${run_dir:}/drafter"
     target_path: Optional[str] = None  # the target's HF directory (vocab_size); null: the checkpoint's recorded one
     dtype: DType = DType.float32  # bfloat16 for serving large drafters
     overwrite: bool = False
@@ -471,7 +471,7 @@ class ReportConfig:
 
 
 def register_configs() -> None:
-    """Register schemas and the `asset`, `default_gamma` and `unique_dir` resolvers. Idempotent."""
+    """Register schemas and the `asset`, `default_gamma`, `unique_dir` and `run_dir` resolvers. Idempotent."""
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="eval", node=EvalConfig)
@@ -486,6 +486,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("default_gamma", default_gamma)
     if not OmegaConf.has_resolver("unique_dir"):  # default run directories: never shared, even within one second
         OmegaConf.register_new_resolver("unique_dir", _unique_dir, use_cache=True)
+    if not OmegaConf.has_resolver("run_dir"):
+        OmegaConf.register_new_resolver("run_dir", _run_dir)
 
 
 # Published decay γ per block size (docs/objectives.md, decay); other sizes scale B = 16's γ linearly.
@@ -500,6 +502,16 @@ def _unique_dir(path: str) -> str:
     from dflashtrain.train.outputs import claim_dir
 
     return claim_dir(path)
+
+
+def _run_dir() -> str:
+    """The job's output directory (Hydra's ``runtime.output_dir``). Before a job runs — ``--cfg``, ``--info``, where
+    Hydra never sets it — the run directory a run started now would take (not created), so ``--resolve`` prints it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
+    return str(output_dir if output_dir is not None else hydra_cfg.run.dir)
 
 
 def _asset_path(relative: str) -> str:
