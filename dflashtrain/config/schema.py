@@ -432,7 +432,7 @@ class EvalConfig:
 
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    ckpt_path: str = "latest"  # a training .ckpt; latest = newest outputs/train/*/checkpoints/last.ckpt
+    ckpt_path: str = "latest"  # a training .ckpt; latest = the newest last.ckpt under outputs/train/, multirun/
     drafter_dir: Optional[str] = None  # an exported drafter directory, used instead of ckpt_path when set
     vp_drafter: Optional[str] = None  # a vp_drafter .ckpt or exported dir: D²SD decoding (greedy) with this second drafter
     d2sd_branches: int = 3  # D²SD: re-drafted candidate rows verified beside the main draft

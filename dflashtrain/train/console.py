@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from tqdm.auto import tqdm
 
 ADVERTISEMENTS = ("litlogger",)
-BAR_METRICS = {"train/loss": "loss", "train/acc": "acc", "train/tau_est": "tau_est", "val/tau": "val_tau"}
+BAR_METRICS = {"train/loss": "loss", "train/acc": "acc", "train/tau_est": "tau_est"}
 
 
 class _DropAdvertisements(logging.Filter):
@@ -70,10 +70,10 @@ class StepProgressBar(ProgressBar):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.bar is None:
             return
-        self.bar.update(trainer.global_step - self.bar.n)
         metrics = trainer.progress_bar_metrics
         shown = {short: f"{float(metrics[key]):.3g}" for key, short in BAR_METRICS.items() if key in metrics}
         self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(trainer.global_step - self.bar.n)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self.teardown(trainer, pl_module, "fit")

@@ -56,7 +56,7 @@ from dflashtrain.train.resume import (
     check_resume_geometry,
     load_resume_point,
 )
-from dflashtrain.train.summary import log_summary
+from dflashtrain.train.summary import final_metrics, log_summary
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def train(cfg: DictConfig, output_dir: Path, resume: Optional[ResumePoint], targ
              ", ".join(f"{key} {value}" for key, value in loss_settings.items()))
 
     fit_until_stopped(trainer, module, datamodule, resume, stop)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = final_metrics(trainer)
     log_summary(output_dir, trainer.global_step, stop.saved, metrics, cfg.logger.name, trainer.is_global_zero)
     return metrics
 

@@ -16,7 +16,7 @@ import logging
 import os
 import shlex
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 log = logging.getLogger(__name__)
 FINAL_METRICS = ("train/loss", "train/acc", "train/tau_est", "val/tau")
@@ -36,6 +36,17 @@ def tensorboard_logdir(output_dir: Path) -> Path:
     training runs, so one logdir shows both); else the run's own directory."""
     outputs = Path.cwd() / "outputs"
     return outputs if outputs in Path(os.path.abspath(output_dir)).parents else Path(output_dir)
+
+
+def final_metrics(trainer: Any) -> Dict[str, float]:
+    """The last logged value of every metric, with the last val/tau measurement (logged to the loggers directly)."""
+    from dflashtrain.train.callbacks import TauEvalCallback
+
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    for callback in trainer.callbacks:
+        if isinstance(callback, TauEvalCallback) and callback.history:
+            metrics.setdefault("val/tau", float(callback.history[-1][1]))
+    return metrics
 
 
 def summary_lines(output_dir: Path, step: int, checkpoint: Optional[Path], metrics: Dict[str, float],
