@@ -97,7 +97,7 @@ def one_line(error: BaseException) -> str:
         return "SIGINT: interrupted; every file already written is whole (nothing partial is left)"
     if isinstance(error, ValueError) and raised_in_hydra(error):
         group = next((arg.partition("=")[0] for arg in sys.argv[1:] if re.fullmatch(r"\w+=(null|None|)", arg)), "")
-        return f"{group or 'overrides'}: a config group takes an option name ({error})"
+        return f"{group}: a config group takes an option name ({error})" if group else f"command line: {error}"
     cause = error.__cause__ if isinstance(error, ConfigCompositionException) else error
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         message = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(cause.msg).splitlines()[0])
