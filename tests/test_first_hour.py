@@ -107,3 +107,19 @@ def test_quiet_console_keeps_lightning_records_and_other_warnings(caplog):
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use …", FutureWarning)
         warnings.warn("another deprecation", FutureWarning)
     assert [str(w.message) for w in caught] == ["another deprecation"]
+
+
+def test_the_default_job_is_the_one_the_readme_measures():
+    """README (model): the default job trains D-PACE for 900 steps of batch 8, 32 anchors, lr 2.5e-3, block 8."""
+    from hydra import compose, initialize_config_module
+
+    from dflashtrain.config.checks import loss_name
+    from dflashtrain.config.schema import register_configs
+
+    register_configs()
+    with initialize_config_module("dflashtrain.conf", version_base=None):
+        cfg = compose("train", overrides=["paths.output_dir=unused"])
+    assert loss_name(cfg) == "dpace" and cfg.optim.lr == 2.5e-3 and cfg.trainer.max_steps == 900
+    assert (cfg.data.batch_size, cfg.data.num_anchors, cfg.model.drafter.block_size) == (8, 32, 8)
+    readme = (REPO / "README.md").read_text()
+    assert "trains D-PACE for 900 steps of\nbatch 8 with 32 anchors per sequence at lr 2.5e-3" in readme
