@@ -504,14 +504,19 @@ def _unique_dir(path: str) -> str:
     return claim_dir(path)
 
 
-def _run_dir() -> str:
-    """The job's output directory (Hydra's ``runtime.output_dir``). Before a job runs — ``--cfg``, ``--info``, where
-    Hydra never sets it — the run directory a run started now would take (not created), so ``--resolve`` prints it."""
+def _run_dir() -> Optional[str]:
+    """The job's output directory (Hydra's ``runtime.output_dir``). A command that only prints its config (``--cfg``,
+    ``--info``: no job runs, Hydra never sets it) gets the run directory a run started now would take (named, not
+    created), so ``--resolve`` prints it."""
     from hydra.core.hydra_config import HydraConfig
+
+    from dflashtrain.train.outputs import in_dry_composition
 
     hydra_cfg = HydraConfig.get()
     output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
-    return str(output_dir if output_dir is not None else hydra_cfg.run.dir)
+    if output_dir is None and in_dry_composition():
+        return str(hydra_cfg.run.dir)
+    return output_dir
 
 
 def _asset_path(relative: str) -> str:

@@ -129,6 +129,10 @@ def dry_composition() -> Iterator[None]:
         _dry[0] = False
 
 
+def in_dry_composition() -> bool:
+    return _dry[0]
+
+
 def holds_only_bookkeeping(directory: Path) -> bool:
     """Whether ``directory`` holds no file but what a command writes before it produces anything."""
     for path in directory.rglob("*"):
