@@ -135,10 +135,11 @@ def ddp_children_run_this_job() -> Iterator[None]:
         yield
         return
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import read_write
+    from omegaconf import OmegaConf, read_write
 
     hydra_cfg = HydraConfig.get()
-    saved_argv, saved_dir = sys.argv, hydra_cfg.run.dir
+    # unresolved: resolving ${unique_dir:...} would claim (create) a run directory the sweep never uses
+    saved_argv, saved_dir = sys.argv, OmegaConf.to_container(hydra_cfg.run, resolve=False)["dir"]
     saved_environment = {name: os.environ.get(name) for name in LAUNCHER_VARIABLES}
     sys.argv = [sys.argv[0], *job_command_line(hydra_cfg)]
     with read_write(hydra_cfg.run):
