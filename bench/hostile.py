@@ -123,7 +123,7 @@ def train_cases(world: World) -> List[Case]:
         ("a malformed override", ["optim.lr=="], ""),
         ("fsdp on CPU", ["parallelism=fsdp", "trainer.accelerator=cpu"], "parallelism.strategy"),
         ("data.path missing", ["data.path=/nonexistent/train.jsonl"], "data.path"),
-        ("data.path is a directory", [f"data.path={ROOT}"], "data.path"),
+        ("data.path is a directory without data files", [f"data.path={ROOT / 'empty-dir'}"], "data.path"),
         ("data.path null", ["data.path=null"], "data.path"),
         ("data.eval_path missing", ["data.eval_path=/nonexistent.jsonl", "eval.every_n_steps=1"], "data.eval_path"),
         ("target path missing", ["model.target.path=/nonexistent"], "model.target.path"),
@@ -170,7 +170,8 @@ def resume_cases(world: World) -> List[Case]:
         resume("resume dspark as decay", world.dspark_run / "checkpoints" / "last.ckpt", key="loss"),
         resume("resume decay as dspark", world.last, "loss=dspark", key="loss"),
         resume("resume with another gamma", world.last, "loss.gamma=2", key="loss.gamma"),
-        resume("resume with another batch size", world.last, "data.batch_size=2", key="data.batch_size"),
+        resume("resume with another batch size (continues, warned)", world.last, "data.batch_size=2", expect=0),
+        resume("resume with another data format", world.last, "data.format=messages", key="data.format"),
         resume("resume with another seed", world.last, "seed=3", key="seed"),
         resume("resume with another block size", world.last, "model.drafter.block_size=6",
                key="model.drafter.block_size"),
@@ -294,13 +295,13 @@ def fault_cases(world: World) -> List[Case]:
     cases.append(Case("full disk at the next checkpoint", "train",
                       [*base, f"paths.output_dir={full}", f"hydra.run.dir={full}", "trainer.max_steps=6",
                        "checkpoint.every_n_train_steps=1", f"resume_from={full / 'checkpoints' / 'last.ckpt'}"],
-                      expect=5, key="checkpoint", runner=on_a_small_disk(world.run, full),
+                      expect=6, key="checkpoint", runner=on_a_small_disk(world.run, full),
                       check=lambda: "" if all(loads(p) for p in (full / "checkpoints").glob("*.ckpt")) and not
                       list(full.rglob("*.partial-*")) else "a checkpoint does not load, or a partial file is left"))
     export_full = ROOT / "export-full"
     cases.append(Case("full disk during an export over a previous one", "export",
                       [f"ckpt_path={world.last}", f"output_dir={export_full / 'drafter'}", "overwrite=true"],
-                      expect=5, key="output_dir", runner=on_a_small_disk(world.export, export_full / "drafter"),
+                      expect=6, key="output_dir", runner=on_a_small_disk(world.export, export_full / "drafter"),
                       check=lambda: "" if (export_full / "drafter" / "model.safetensors").is_file() else "export gone"))
     killed = ROOT / "killed"
     cases.append(Case("kill -9 mid-run, then resume_from=auto", "train",

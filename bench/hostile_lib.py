@@ -87,6 +87,7 @@ def build_world() -> World:
     world = World()
     write_chats(world.data, 32)
     write_chats(ROOT / "other.jsonl", 20)
+    (ROOT / "empty-dir").mkdir()
     for name, args in (("run", []), ("dspark_run", ["loss=dspark"])):
         out = ROOT / name
         code, err = invoke("train", [f"data.path={world.data}", f"paths.output_dir={out}", f"hydra.run.dir={out}",

@@ -36,6 +36,11 @@ from dflashtrain.config.schema import ConfigError, register_configs  # noqa: E40
 from dflashtrain.data.rows import BadRowError  # noqa: E402  (light: importing it loads no torch)
 from dflashtrain.export.atomic import OutputWriteError  # noqa: E402  (light too)
 from dflashtrain.report.jobs import in_multirun, recorded_run  # noqa: E402  (light too)
+from dflashtrain.train.outputs import (  # noqa: E402  (light too)
+    dry_composition,
+    forget_created_dirs,
+    remove_created_dirs,
+)
 
 register_configs()
 
@@ -92,7 +97,7 @@ def one_line(error: BaseException) -> str:
         return "SIGINT: interrupted; every file already written is whole (nothing partial is left)"
     if isinstance(error, ValueError) and raised_in_hydra(error):
         group = next((arg.partition("=")[0] for arg in sys.argv[1:] if re.fullmatch(r"\w+=(null|None|)", arg)), "")
-        return f"{group or 'overrides'}: a config group takes an option name ({error})"
+        return f"{group}: a config group takes an option name ({error})" if group else f"command line: {error}"
     cause = error.__cause__ if isinstance(error, ConfigCompositionException) else error
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         message = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(cause.msg).splitlines()[0])
@@ -136,6 +141,17 @@ def reported_errors(sweep_goes_on: bool = False) -> Iterator[None]:
         sys.exit(code)
 
 
+def prints_only(argv: list) -> bool:
+    """Whether Hydra will only print (``--cfg``, ``--info``, ``--help``, ``--hydra-help``) and run no job."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:  # a malformed flag: Hydra reports it itself
+        return False
+    return bool(args.cfg or args.info or args.help or args.hydra_help)
+
+
 def console_entry(app: Callable[[], None]) -> Callable[[], None]:
     """Wrap a Hydra app so that a compose error is reported as one line too (the app reports its own errors).
 
@@ -143,14 +159,23 @@ def console_entry(app: Callable[[], None]) -> Callable[[], None]:
     """
 
     def main() -> None:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's full tracebacks
-            return app()
-        os.environ["HYDRA_FULL_ERROR"] = "1"
+        forget_created_dirs()
         try:
-            with reported_errors():
-                app()
-        finally:  # called again in the same process, it must behave the same
-            os.environ.pop("HYDRA_FULL_ERROR", None)
+            with dry_composition() if prints_only(sys.argv[1:]) else contextlib.nullcontext():
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's full tracebacks
+                    return app()
+                os.environ["HYDRA_FULL_ERROR"] = "1"
+                try:
+                    with reported_errors():
+                        app()
+                finally:  # called again in the same process, it must behave the same
+                    os.environ.pop("HYDRA_FULL_ERROR", None)
+        except BaseException as error:  # a failed command leaves no empty run directory (train/outputs.py)
+            if not (isinstance(error, SystemExit) and error.code in (0, None)):
+                remove_created_dirs()
+            raise
+        finally:
+            forget_created_dirs()
 
     main.__doc__ = app.__doc__
     return main

@@ -71,7 +71,7 @@ def data(tmp_path_factory) -> Path:
     return write_count_up_chats(tmp_path_factory.mktemp("data") / "train.jsonl", 32)
 
 
-DECAY = ["logger=csv", "trainer.max_steps=13", "checkpoint.every_n_train_steps=4"]
+DECAY = ["loss=decay", "logger=csv", "trainer.max_steps=13", "checkpoint.every_n_train_steps=4"]
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,7 @@ def test_changed_optimizer_settings_take_effect_and_are_logged(data, first, tmp_
                "optim.min_lr_ratio=1.0", f"resume_from={first / 'checkpoints' / 'last.ckpt'}"))
     assert seen == [pytest.approx(1e-3)]  # the constant schedule at the new lr, from the first resumed step
     text = caplog.text
-    assert "optim.lr: 0.005 -> 0.001 takes effect" in text and "trainer.max_steps: 2 -> 3 takes effect" in text
+    assert "optim.lr: 0.0025 -> 0.001 takes effect" in text and "trainer.max_steps: 2 -> 3 takes effect" in text
 
 
 def test_what_a_resume_may_change(tmp_path):

@@ -342,7 +342,7 @@ class CheckpointConfig:
 
 @dataclass
 class PathsConfig:
-    output_dir: str = "${hydra:runtime.output_dir}"
+    output_dir: str = "${run_dir:}"
 
 
 @dataclass
@@ -396,7 +396,7 @@ class RegenConfig:
 
     model: RegenModelConfig = field(default_factory=RegenModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    output_dir: str = "${hydra:runtime.output_dir}/data"
+    output_dir: str = "${run_dir:}/data"
     batch_size: int = 16  # conversations generated together
     max_new_tokens: int = 1024  # per assistant turn; a turn cut here is kept and counted
     temperature: float = 0.0  # 0: greedy; > 0: sampling with top_p and top_k
@@ -433,7 +433,7 @@ class EvalConfig:
 
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    ckpt_path: str = "latest"  # a training .ckpt; latest = newest outputs/train/*/checkpoints/last.ckpt
+    ckpt_path: str = "latest"  # a training .ckpt; latest = the newest last.ckpt under outputs/train/, multirun/
     drafter_dir: Optional[str] = None  # an exported drafter directory, used instead of ckpt_path when set
     vp_drafter: Optional[str] = None  # a vp_drafter .ckpt or exported dir: D²SD decoding (greedy) with this second drafter
     d2sd_branches: int = 3  # D²SD: re-drafted candidate rows verified beside the main draft
@@ -443,7 +443,7 @@ class EvalConfig:
     seed: int = 0
     baseline: bool = True  # also decode with block size 1 (plain target) for speedup and tokens/s
     device: str = "auto"  # auto: cuda if available, else cpu
-    output_dir: str = "${hydra:runtime.output_dir}"  # eval.json and tensorboard/
+    output_dir: str = "${run_dir:}"  # eval.json and tensorboard/
 
 
 @dataclass
@@ -451,7 +451,7 @@ class ExportConfig:
     """`dflashtrain-export`: a training checkpoint -> the HF drafter directory (docs/export.md), verified by load-back."""
 
     ckpt_path: str = "latest"
-    output_dir: str = "${hydra:runtime.output_dir}/drafter"
+    output_dir: str = "${run_dir:}/drafter"
     target_path: Optional[str] = None  # the target's HF directory (vocab_size); null: the checkpoint's recorded one
     dtype: DType = DType.float32  # bfloat16 for serving large drafters
     overwrite: bool = False
@@ -472,7 +472,7 @@ class ReportConfig:
 
 
 def register_configs() -> None:
-    """Register schemas and the `asset`, `default_gamma` and `unique_dir` resolvers. Idempotent."""
+    """Register schemas and the `asset`, `default_gamma`, `unique_dir` and `run_dir` resolvers. Idempotent."""
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="eval", node=EvalConfig)
@@ -487,6 +487,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("default_gamma", default_gamma)
     if not OmegaConf.has_resolver("unique_dir"):  # default run directories: never shared, even within one second
         OmegaConf.register_new_resolver("unique_dir", _unique_dir, use_cache=True)
+    if not OmegaConf.has_resolver("run_dir"):
+        OmegaConf.register_new_resolver("run_dir", _run_dir)
 
 
 # Published decay γ per block size (docs/objectives.md, decay); other sizes scale B = 16's γ linearly.
@@ -501,6 +503,21 @@ def _unique_dir(path: str) -> str:
     from dflashtrain.train.outputs import claim_dir
 
     return claim_dir(path)
+
+
+def _run_dir() -> Optional[str]:
+    """The job's output directory (Hydra's ``runtime.output_dir``). A command that only prints its config (``--cfg``,
+    ``--info``: no job runs, Hydra never sets it) gets the run directory a run started now would take (named, not
+    created), so ``--resolve`` prints it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from dflashtrain.train.outputs import in_dry_composition
+
+    hydra_cfg = HydraConfig.get()
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
+    if output_dir is None and in_dry_composition():
+        return str(hydra_cfg.run.dir)
+    return output_dir
 
 
 def _asset_path(relative: str) -> str:

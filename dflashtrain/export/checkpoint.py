@@ -21,7 +21,10 @@ from dflashtrain.config.schema import ConfigError
 from dflashtrain.families import DraftingFamily, get_family
 from dflashtrain.models.dflash import DrafterGeometry
 
-LATEST_GLOB = "outputs/train/*/checkpoints/last.ckpt"
+# ckpt_path=latest: the most recently written last.ckpt of a run under the working directory: a single run's
+# (outputs/train/<run>/) or a multirun's (multirun/<sweep dir>/<run>/, e.g. multirun/train/<time>/0_loss=dpace/).
+LATEST_GLOBS = ("outputs/train/*/checkpoints/last.ckpt", "multirun/*/*/checkpoints/last.ckpt",
+                "multirun/*/*/*/checkpoints/last.ckpt")
 METADATA_KEY = "dflashtrain"
 
 
@@ -34,12 +37,15 @@ class LoadedDrafter:
 
 
 def resolve_checkpoint(value: str, key: str = "ckpt_path") -> Path:
-    """``latest`` -> the newest outputs/train/*/checkpoints/last.ckpt under the working directory; else the path."""
+    """``latest`` -> the most recently modified ``last.ckpt`` of a run under the working directory (``LATEST_GLOBS``:
+    outputs/train/<run>/ and multirun/<sweep dir>/<run>/); else the path."""
     if value == "latest":
-        found = sorted(Path.cwd().glob(LATEST_GLOB), key=lambda p: p.stat().st_mtime)
+        found = sorted((p for pattern in LATEST_GLOBS for p in Path.cwd().glob(pattern)),
+                       key=lambda p: p.stat().st_mtime)
         if not found:
-            raise ConfigError(key, f"is 'latest' but no {LATEST_GLOB} exists under {Path.cwd()}; train first "
-                                   "(make run) or give a path: ckpt_path=/path/to/last.ckpt")
+            raise ConfigError(key, f"is 'latest' but no {LATEST_GLOBS[0]} (or multirun/…/checkpoints/last.ckpt) "
+                                   f"exists under {Path.cwd()}; "
+                                   "train first (make run) or give a path: ckpt_path=/path/to/last.ckpt")
         return found[-1]
     path = Path(value)
     if not path.is_file():

@@ -6,8 +6,9 @@
 * The new directory is built as ``<output_dir>.incomplete``, which carries ``.dflashtrain-staging`` (pid and host of
   the exporting process) while it is written. An existing ``<output_dir>.incomplete`` is removed only when it is
   ours and its process is gone; one of a live export, or anything else there, is refused.
-* Publishing: every file fsynced, the old export (if any) renamed aside, the new one renamed into place, the old
-  one deleted. At every moment ``<output_dir>`` is the old export or the new one.
+* Publishing: every file fsynced and made mode 0644 (the directory 0755, so a serving process running as another
+  user reads it, whatever mode a writer's temporary file had), the old export (if any) renamed aside, the new one
+  renamed into place, the old one deleted. At every moment ``<output_dir>`` is the old export or the new one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dflashtrain.export.atomic import atomic_write_text, fsync_dir
 
 MARKER = "dflashtrain_export.json"
 STAGING_MARKER = ".dflashtrain-staging"
+FILE_MODE, DIR_MODE = 0o644, 0o755
 
 
 def staging_path(output_dir: Path) -> Path:
@@ -98,6 +100,9 @@ def publish(staging: Path, output_dir: Path, provenance: Dict[str, Any]) -> None
             os.fsync(handle.fileno())
     atomic_write_text(staging / MARKER, json.dumps({"files": files, **provenance}, indent=2) + "\n", key="output_dir")
     (staging / STAGING_MARKER).unlink()
+    for name in (*files, MARKER):  # readable by a serving process of another user, whatever mode a writer chose
+        os.chmod(staging / name, FILE_MODE)
+    os.chmod(staging, DIR_MODE)
     fsync_dir(staging)
     previous = None
     if output_dir.is_dir() and any(output_dir.iterdir()):

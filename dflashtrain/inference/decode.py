@@ -90,12 +90,12 @@ class TargetSession:
         out = self.target.model(
             input_ids=rows,
             position_ids=positions,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             output_hidden_states=self.with_features,
             logits_to_keep=1 if last_only else 0,
         )
-        self.cache = out.past_key_values
+        self.cache = out.cache
         tapped = None
         if self.with_features:  # hidden_states[i + 1] is the output of layer i (docs/architecture.md)
             tapped = torch.cat([out.hidden_states[i + 1] for i in self.target.layer_ids], dim=-1)
@@ -108,7 +108,7 @@ class TargetSession:
             self.rows = 1
         excess = self.cache.get_seq_length() - length
         if excess > 0:
-            self.cache.crop(-excess)  # a negative crop removes that many positions (transformers 4.56 and 5.x)
+            self.cache.crop(-excess)  # a negative crop removes that many positions
 
 
 # ---------------------------------------------------------------------------------------------- drafting modes

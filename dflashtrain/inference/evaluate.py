@@ -213,10 +213,11 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     if report.get("greedy_mismatches") and cfg.temperature == 0:
         log.warning("%d prompts decoded differently with and without the drafter (numerics of batched vs single-"
                     "token target forwards in %s)", report["greedy_mismatches"], cfg.model.target.dtype)
-    print(f"tau = {report['tau']:.3f} over {report['rounds']} rounds, {len(prompts)} prompts (B = {block_size})")
-    print(histogram_text(report["histogram"]))
+    lines = [f"tau = {report['tau']:.3f} over {report['rounds']} rounds, {len(prompts)} prompts (B = {block_size})",
+             histogram_text(report["histogram"])]
     if cfg.baseline:
-        print(f"speedup {report['speedup']:.2f}x: {report['tokens_per_s']:.1f} tokens/s vs "
-              f"{report['baseline_tokens_per_s']:.1f} with block size 1 ({device})")
-    print(f"report: {output_dir / 'eval.json'}")
+        lines.append(f"speedup {report['speedup']:.2f}x: {report['tokens_per_s']:.1f} tokens/s vs "
+                     f"{report['baseline_tokens_per_s']:.1f} with block size 1 ({device})")
+    lines.append(f"report: {output_dir / 'eval.json'}")
+    log.info("\n".join(lines))  # the console and <run dir>/eval.log
     return report

@@ -93,8 +93,8 @@ def ending(error: BaseException) -> Dict[str, Any]:
 def recorded_run(output_dir: str) -> Iterator[None]:
     """Record the run in ``<output_dir>/status.json``: running now; completed, failed or interrupted at the end.
 
-    A run refused because its output folder is another run's (a ``paths.output_dir`` error) leaves that run's record
-    as it was. Errors propagate unchanged. In a Hydra multirun job it also makes Lightning's DDP children run this
+    A run refused before it trained (a configuration error: the folder is another run's, a resume that would rewind
+    it, ...) leaves the record of the run already in that folder as it was. Errors propagate unchanged. In a Hydra multirun job it also makes Lightning's DDP children run this
     job, in this job's folder (:func:`ddp_children_run_this_job`).
     """
     record = is_global_rank_zero()
@@ -111,7 +111,7 @@ def recorded_run(output_dir: str) -> Iterator[None]:
             yield
     except BaseException as error:
         outcome = ending(error)
-        refused = getattr(error, "key", None) == "paths.output_dir"  # the folder is another run's
+        refused = getattr(error, "key", None) is not None  # a ConfigError: refused before anything was trained
         raise
     finally:
         ended = time.time()
@@ -135,10 +135,11 @@ def ddp_children_run_this_job() -> Iterator[None]:
         yield
         return
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import read_write
+    from omegaconf import OmegaConf, read_write
 
     hydra_cfg = HydraConfig.get()
-    saved_argv, saved_dir = sys.argv, hydra_cfg.run.dir
+    # unresolved: resolving ${unique_dir:...} would claim (create) a run directory the sweep never uses
+    saved_argv, saved_dir = sys.argv, OmegaConf.to_container(hydra_cfg.run, resolve=False)["dir"]
     saved_environment = {name: os.environ.get(name) for name in LAUNCHER_VARIABLES}
     sys.argv = [sys.argv[0], *job_command_line(hydra_cfg)]
     with read_write(hydra_cfg.run):

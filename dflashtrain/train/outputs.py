@@ -4,10 +4,15 @@
   run directory) for as long as it lives; a second run pointed at the same directory stops at start naming the
   holder. The kernel releases the lock when the holder dies, however it dies, so there are no stale locks.
 * **Unique default directories.** ``${unique_dir:outputs/train/<time>}`` claims the directory with an atomic
-  ``mkdir``; when another run claimed it in the same second, it takes ``<time>_1``, ``<time>_2``, …
+  ``mkdir``; when another run claimed it in the same second, it takes ``<time>_1``, ``<time>_2``, … A command that
+  only prints the config (``--cfg``, ``--info``, ``--help``) runs inside :func:`dry_composition` and claims nothing.
 * **Hydra's own files.** :class:`RunDirGuard` (a Hydra callback) runs before Hydra writes ``.hydra/*.yaml``: in a
   directory that already holds a run it refuses, unless this launch resumes that run, whose files then go to
   ``.hydra/resume-<n>/`` beside the original ones.
+* **A command that fails leaves nothing behind.** The directories a command created (a claimed run directory, an
+  output directory that did not exist) are removed when it fails, if they hold nothing but its own bookkeeping
+  (``.hydra/*.yaml``, ``<job>.log``, ``status.json``, the lock): never one holding a checkpoint, metrics, an export
+  or another run's folder (a sweep's runs and their status.json stay for the report).
 * **Another run's outputs.** :func:`claimed_output_dir` refuses a directory holding checkpoints, CSV metrics or
   TensorBoard events unless this run continues from one of its checkpoints.
 
@@ -39,6 +44,10 @@ RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "OMPI_COMM_
 RUN_OUTPUTS = ("checkpoints/*.ckpt", "hpc_ckpt_*.ckpt", "csv/metrics.csv", "tensorboard/events.out.tfevents.*")
 
 _held: Dict[str, int] = {}  # real path of a locked directory -> the open lock file descriptor
+_dry = [False]  # inside dry_composition: directories are named, never created
+_created: List[Path] = []  # directories this command created for its run (claimed, or locked where none was)
+BOOKKEEPING = {LOCK_NAME, ".write_test", "status.json", ".hydra/config.yaml", ".hydra/hydra.yaml",
+               ".hydra/overrides.yaml"}  # and <job name>.log: what a command writes before it produces anything
 
 
 def launcher_rank() -> int:
@@ -56,7 +65,10 @@ def lock_dir(directory: Path, key: str) -> bool:
     process holds it already. ConfigError naming ``key`` if it cannot be created or another live process holds it."""
     directory = Path(directory)
     try:
+        existed = directory.is_dir()
         directory.mkdir(parents=True, exist_ok=True)
+        if not existed:
+            _created.append(directory)
         real = os.path.realpath(directory)
         if real in _held or launcher_rank() != 0:
             return False
@@ -88,15 +100,18 @@ def unlock_dir(directory: Path) -> None:
 def claim_dir(path: str) -> str:
     """The ``unique_dir`` resolver: ``path`` if this call creates it, else the first free ``path_<n>``. OmegaConf
     caches a resolver's value in the config (and in Hydra's copies of it), so a run claims once."""
-    if launcher_rank() != 0 or in_multirun():  # other ranks use rank 0's directory; a sweep job runs in the sweep dir
+    if launcher_rank() != 0 or _dry[0] or in_multirun():  # other ranks use rank 0's directory; a printed
+        # config claims none; a sweep job runs in the sweep directory
         return path
     base = Path(path)
     try:
+        _created.extend(reversed([p for p in base.parents if not p.is_dir()]))  # outermost first
         base.parent.mkdir(parents=True, exist_ok=True)
         for n in itertools.count():
             candidate = base if n == 0 else base.with_name(f"{base.name}_{n}")
             try:
                 candidate.mkdir()
+                _created.append(candidate)
                 break
             except FileExistsError:
                 continue
@@ -111,6 +126,53 @@ def in_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@contextlib.contextmanager
+def dry_composition() -> Iterator[None]:
+    """A command that composes the config without running a job: default run directories are named, not made."""
+    _dry[0] = True
+    try:
+        yield
+    finally:
+        _dry[0] = False
+
+
+def in_dry_composition() -> bool:
+    return _dry[0]
+
+
+def holds_only_bookkeeping(directory: Path) -> bool:
+    """Whether ``directory`` holds no file but what a command writes before it produces anything."""
+    for path in directory.rglob("*"):
+        relative = path.relative_to(directory).as_posix()
+        if path.is_dir() or relative in BOOKKEEPING or ("/" not in relative and relative.endswith(".log")):
+            continue
+        return False
+    return True
+
+
+def forget_created_dirs() -> None:
+    _created.clear()
+
+
+def remove_created_dirs() -> List[Path]:
+    """After a failed command: remove the directories it created that hold only its bookkeeping; the removed ones."""
+    removed = []
+    for directory in reversed(_created):  # the innermost first
+        if not (directory.is_dir() and holds_only_bookkeeping(directory)):
+            continue
+        unlock_dir(directory)
+        entries = sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+        try:  # file by file, then rmdir: a directory something else wrote into meanwhile stays
+            for path in entries:
+                path.rmdir() if path.is_dir() else path.unlink()
+            directory.rmdir()
+            removed.append(directory)
+        except OSError:
+            pass
+    _created.clear()
+    return removed
 
 
 def holds_run(directory: Path, subdir: str) -> bool:

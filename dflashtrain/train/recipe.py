@@ -41,6 +41,7 @@ from dflashtrain.models.target import FrozenTarget, drafter_geometry, load_token
 from dflashtrain.objectives import build_objective
 from dflashtrain.report.jobs import recorded_run
 from dflashtrain.train.checkpoint_io import SafeCheckpointIO
+from dflashtrain.train.console import quiet_console, step_progress_bar
 from dflashtrain.train.guards import GEOMETRY_SOURCES, NonFiniteGuard
 from dflashtrain.train.loggers import build_loggers
 from dflashtrain.train.module import DraftModule, warmup_cosine
@@ -56,6 +57,7 @@ from dflashtrain.train.resume import (
     check_resume_geometry,
     load_resume_point,
 )
+from dflashtrain.train.summary import final_metrics, log_summary
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,7 @@ def fit(cfg: DictConfig) -> Dict[str, float]:
     Order: the resume checkpoint (read safely, before anything else), the target's config and files, the resume
     comparison, the output directory (locked), the tokenizer and data, the Trainer; only then the target's weights.
     """
+    quiet_console()
     resume = load_resume_point(cfg)
     target_config = load_target_config(cfg.model.target.path)
     validate_against_target(cfg, target_config)
@@ -163,6 +166,7 @@ def train(cfg: DictConfig, output_dir: Path, resume: Optional[ResumePoint], targ
         ResumeState(optim, lr_factor, reschedule=resume is not None and resume.reschedule),
         stop,  # a resumable checkpoint at the final step and on SIGTERM / SIGUSR1 / SIGINT
         *build_tau_eval(cfg, tokenizer),
+        *step_progress_bar(cfg.trainer.enable_progress_bar),  # k/max_steps (train/console.py)
     ]
     trainer = build_trainer(cfg, output_dir, resume, callbacks, {type(layer) for layer in drafter.layers})
 
@@ -202,9 +206,8 @@ def train(cfg: DictConfig, output_dir: Path, resume: Optional[ResumePoint], targ
              ", ".join(f"{key} {value}" for key, value in loss_settings.items()))
 
     fit_until_stopped(trainer, module, datamodule, resume, stop)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    log.info("finished at step %d: %s", trainer.global_step,
-             ", ".join(f"{k}={metrics[k]:.4f}" for k in ("train/loss", "train/acc", "train/tau_est") if k in metrics))
+    metrics = final_metrics(trainer)
+    log_summary(output_dir, trainer.global_step, stop.saved, metrics, cfg.logger.name, trainer.is_global_zero)
     return metrics
 
 
