@@ -91,8 +91,9 @@ def train_cases(world: World) -> List[Case]:
         "loss.mask_mode": ["sometimes"],
         "loss.target": ["soft"],
     }
-    cases = [bad(f"{key}={value}", f"{key}={value}", key=key.split("[")[0] if key != "model.target.dtype" else "")
-             for key, options in values.items() for value in options]
+    cases = [bad(f"{key}={value}", *(["loss=decay"] if key.startswith("loss.") else []), f"{key}={value}",
+                 key=key.split("[")[0] if key != "model.target.dtype" else "")
+             for key, options in values.items() for value in options]  # loss.* keys: decay's (dpace is the default)
     cases += [bad(f"loss=dpace {a}", "loss=dpace", a, key=a.split("=")[0])
               for a in ("loss.alpha=0", "loss.alpha=1.5", "loss.alpha=nan", "loss.mode=sometimes",
                         "loss.reduction=mean")]
