@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # CPU wheel by default (it is on disk here); override for a CUDA box, e.g. TORCH_SPEC="torch==2.11.0".
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+# make test runs the suite in this many processes (pytest-xdist), whole files per process (module fixtures once).
+TEST_WORKERS ?= 2
 
 .PHONY: install run test clean
 
@@ -22,7 +24,7 @@ run: install
 	$(BIN)/dflashtrain $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun

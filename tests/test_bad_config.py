@@ -94,7 +94,7 @@ CASES = [
     (["data.path=/nonexistent.jsonl"], "data.path"),  # missing data
     (["model.drafter.block_size=1"], "model.drafter.block_size"),  # block size < 2
     (["data.num_anchors=0"], "data.num_anchors"),  # num_anchors < 1
-    (["loss.gamma=-1"], "loss.gamma"),  # negative γ
+    (["loss=decay", "loss.gamma=-1"], "loss.gamma"),  # negative γ (decay's; the default D-PACE ignores γ)
     (["data.max_length=15"], "data.max_length"),  # < 2·B (B = 8)
     (["data.max_length=1024"], "data.max_length"),  # beyond the target's 512 positions
     (["parallelism=fsdp", "trainer.accelerator=cpu"], "parallelism.strategy"),  # fsdp on CPU

@@ -50,7 +50,8 @@ def test_the_package_ships_every_config():
 def test_default_composes_and_resolves():
     cfg = resolved(compose_train())
     assert cfg["model"]["name"] == "tiny" and cfg["data"]["name"] == "tiny_chat"
-    assert cfg["loss"]["gamma"] == 4.0  # the tiny model's B = 8 picks γ = 4
+    assert OmegaConf.get_type(compose_train().loss) is LOSS_SCHEMAS["dpace"]  # the default objective
+    assert resolved(compose_train(["loss=decay"]))["loss"]["gamma"] == 4.0  # the tiny model's B = 8 picks γ = 4
     assert Path(cfg["model"]["target"]["path"]).is_dir()
 
 
@@ -123,7 +124,7 @@ def test_unknown_objective_lists_valid_ones():
     ],
 )
 def test_validate_names_the_key(override, key):
-    cfg = compose_train([override])
+    cfg = compose_train(["loss=decay", override] if override.startswith("loss.") else [override])  # decay's γ
     cfg.paths.output_dir = "/tmp/unused"
     with pytest.raises(ConfigError) as info:
         validate(cfg)

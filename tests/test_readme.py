@@ -162,6 +162,15 @@ def test_readme_command(words, session, monkeypatch, tmp_path):
     if program == "source":  # the venv `make install` creates
         assert args == [".venv/bin/activate"] and "VENV ?= .venv" in (REPO / "Makefile").read_text()
         return
+    if program == "bash":  # the benchmark environment: a network install of the peer, never run by the tests
+        script = (REPO / "bench/env.sh").read_text()
+        assert args == ["bench/env.sh"] and "VENV=bench/.venv" in script and '--no-deps "specforge==0.2.0"' in script
+        return
+    if program == "bench/.venv/bin/python":  # bench/env.sh's interpreter; the script's command line under this one
+        result = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:], "--help"], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0 and "--points" in result.stdout, result.stderr[-2000:]
+        return
     assert program in ENTRIES, f"a README command the test does not know: {command}"
     if command in RUN:
         run_for_real(program, args, root, names, run_dir, monkeypatch)
