@@ -16,6 +16,7 @@ from dflashtrain.families import get_family
 from dflashtrain.models.dflash import DFlashDrafter, DrafterGeometry
 from dflashtrain.models.target import TargetStates
 from dflashtrain.objectives import build_objective
+from dflashtrain.train.reduction import AccumulationWindow
 from dflashtrain.train.module import DraftModule, warmup_cosine
 from dflashtrain.train.recipe import adamw
 
@@ -33,6 +34,9 @@ class PrecomputedTarget:
 
     def states(self, input_ids, attention_mask) -> TargetStates:
         return TargetStates(tapped=self.inputs.tapped, final_hidden=self.inputs.final_hidden)
+
+    def batch_states(self, batch) -> TargetStates:
+        return self.states(batch["input_ids"], batch["attention_mask"])
 
     def to(self, device) -> "PrecomputedTarget":
         return self
@@ -79,7 +83,7 @@ class OurStep:
             optimizer=lambda params: adamw(params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                                            fused=True),
             lr_factor=warmup_cosine(1000, 0.04, 0.0), num_anchors=g.anchors, chunk_blocks=chunk or g.chunk,
-            attention=g.attention, seed=seed, max_length=g.seq_len, checkpoint_metadata={})
+            attention=g.attention, seed=seed, max_length=g.seq_len, checkpoint_metadata={}, shard=None)
         self.module.to(self.device)
         self.module.trainer = L.Trainer(accelerator=self.device.type, devices=1, logger=False,
                                         enable_checkpointing=False, enable_progress_bar=False,
@@ -87,6 +91,7 @@ class OurStep:
         self.module.log = lambda *args, **kwargs: None  # no Lightning loop here: the metrics are made, not logged
         optim = self.module.configure_optimizers()
         self.optimizer, self.scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
+        self.module.trainer.strategy.optimizers = [self.optimizer]  # what the step's logging reads (the lr)
         self.batch = inputs.batch()
 
     def autocast(self):
@@ -99,17 +104,21 @@ class OurStep:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             total, counts, _ = module.forward_loss(self.batch, module.chunk_blocks)
-            loss = module.reduce(total, self.g.batch)
-        module.accumulate(loss, total, counts)
+            module.add_to_step(tokens=self.batch["attention_mask"].sum())
+            loss = module.reduce(total, self.g.batch, counts)
         module.on_before_backward(loss)
         loss.backward()
-        module.configure_gradient_clipping(self.optimizer, 1.0, "norm")
+        module.finish_step()  # the step's one host read, the gradient factor, the (discarded) logs
+        torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), 1.0)  # Lightning's clipping, as in a run
         self.optimizer.step()
         self.scheduler.step()
+        module.report = None
         return loss.detach()
 
     def loss_only(self, anchors=None) -> torch.Tensor:
         """The loss of the current weights (no step), for the agreement check against the peer."""
         with torch.no_grad(), self.autocast():
             total, _, _ = self.module.forward_loss(self.batch, self.module.chunk_blocks)
-            return self.module.reduce(total, self.g.batch)
+            loss = self.module.reduce(total, self.g.batch)
+        self.module.window = AccumulationWindow()  # a measurement, not a micro-batch of a step
+        return loss
