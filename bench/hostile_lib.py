@@ -203,7 +203,7 @@ def run_case(case: Case, world: World) -> Outcome:
     after = fingerprint(*protected)
     if after != before or world.marker.exists():
         changed = sorted(set(before) ^ set(after) | {p for p in before if before[p] != after.get(p)})
-        outcome = Outcome("damaged", f"bomb went off" if world.marker.exists() else f"changed: {changed[:3]}")
+        outcome = Outcome("damaged", "bomb went off" if world.marker.exists() else f"changed: {changed[:3]}")
         world.marker.unlink(missing_ok=True)
     outcome.detail = f"[{time.perf_counter() - started:5.1f} s] {outcome.detail}"
     return outcome
