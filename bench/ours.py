@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from geometry import Geometry, Inputs
-from dflashtrain.config.schema import LOSS_SCHEMAS, default_gamma
+from dflashtrain.config.losses import LOSS_SCHEMAS, default_gamma
 from dflashtrain.families import get_family
 from dflashtrain.models.dflash import DFlashDrafter, DrafterGeometry
 from dflashtrain.models.target import TargetStates

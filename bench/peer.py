@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import torch
 
 from geometry import Geometry, Inputs
-from dflashtrain.config.schema import default_gamma
+from dflashtrain.config.losses import default_gamma
 
 
 def available() -> Optional[str]:

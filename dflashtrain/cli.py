@@ -32,7 +32,8 @@ from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from dflashtrain.config.checks import validate  # noqa: E402
-from dflashtrain.config.schema import ConfigError, register_configs  # noqa: E402
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import register_configs  # noqa: E402
 from dflashtrain.data.rows import BadRowError  # noqa: E402  (light: importing it loads no torch)
 from dflashtrain.export.atomic import OutputWriteError  # noqa: E402  (light too)
 from dflashtrain.report.jobs import in_multirun, recorded_run  # noqa: E402  (light too)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dflashtrain.config.schema import LOSS_SCHEMAS
+from dflashtrain.config.losses import LOSS_SCHEMAS
 from dflashtrain.objectives import build_objective
 
 

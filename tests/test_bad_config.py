@@ -24,7 +24,9 @@ from omegaconf import OmegaConf
 import dflashtrain
 from dflashtrain.cli import one_line, user_error
 from dflashtrain.config.checks import check_target_files, load_target_config, validate, validate_against_target
-from dflashtrain.config.schema import LOSS_SCHEMAS, ConfigError, TrainConfig, register_configs
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.losses import LOSS_SCHEMAS
+from dflashtrain.config.schema import TrainConfig, register_configs
 from dflashtrain.objectives import build_objective, objective_class
 
 register_configs()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from factories import make_objective
-from dflashtrain.config.schema import MaskMode, TargetKind
+from dflashtrain.config.losses import MaskMode, TargetKind
 from dflashtrain.data.blocks import make_blocks, sample_anchors
 from dflashtrain.models.dflash import DFlashDrafter, DrafterGeometry
 from dflashtrain.models.masks import AnchorAttentionMask

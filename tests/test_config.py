@@ -9,7 +9,9 @@ from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from dflashtrain.config.schema import LOSS_SCHEMAS, ConfigError, register_configs
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.losses import LOSS_SCHEMAS
+from dflashtrain.config.schema import register_configs
 from dflashtrain.config.checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -225,7 +225,8 @@ def test_data_settings_are_checked_before_anything_loads(tmp_path, overrides, ke
     from hydra import compose, initialize_config_module
 
     from dflashtrain.config.checks import validate_data
-    from dflashtrain.config.schema import ConfigError, register_configs
+    from dflashtrain.config.errors import ConfigError
+    from dflashtrain.config.schema import register_configs
 
     register_configs()
     write_jsonl(tmp_path / "rows.jsonl", ROWS[:1])
@@ -237,7 +238,7 @@ def test_data_settings_are_checked_before_anything_loads(tmp_path, overrides, ke
 
 
 def test_a_tokenizer_without_a_chat_template_is_one_line(tmp_path):
-    from dflashtrain.config.schema import ConfigError
+    from dflashtrain.config.errors import ConfigError
 
     base = load_tokenizer(str(TINY_TARGET_DIR))
     base.chat_template = None

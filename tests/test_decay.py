@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from factories import make_objective
-from dflashtrain.config.schema import MaskMode, TargetKind
+from dflashtrain.config.losses import MaskMode, TargetKind
 from dflashtrain.objectives.protocol import SlotChunk
 from dflashtrain.objectives.slots import cumulative_mask, supervision_mask
 from dflashtrain.objectives.weights import decay_weights, first_drafted_offsets

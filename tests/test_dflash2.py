@@ -371,7 +371,8 @@ def test_bad_dflash2_settings_are_refused_naming_the_key(overrides, message, tmp
     from hydra import compose, initialize_config_module
 
     from dflashtrain.config.checks import validate, validate_against_target
-    from dflashtrain.config.schema import ConfigError, register_configs
+    from dflashtrain.config.errors import ConfigError
+    from dflashtrain.config.schema import register_configs
     from dflashtrain.models.target import load_target_config
 
     register_configs()

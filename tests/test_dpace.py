@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from factories import make_module, make_objective
-from dflashtrain.config.schema import ConfigError, DPaceLossConfig, DPaceMode, MaskMode, Reduction, TargetKind
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.losses import DPaceLossConfig, DPaceMode, MaskMode, Reduction, TargetKind
 from dflashtrain.data.blocks import make_blocks, sample_anchors
 from dflashtrain.objectives.chunked import chunked_objective
 from dflashtrain.objectives.protocol import SlotChunk

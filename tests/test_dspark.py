@@ -244,7 +244,7 @@ def test_loss_dspark_composes_the_whole_method():
     cfg = _compose("loss=dspark")
     from omegaconf import OmegaConf
 
-    from dflashtrain.config.schema import DSparkLossConfig
+    from dflashtrain.config.losses import DSparkLossConfig
 
     assert OmegaConf.get_type(cfg.loss) is DSparkLossConfig
     assert (cfg.loss.ce_alpha, cfg.loss.l1_alpha, cfg.loss.conf_alpha, cfg.loss.gamma) == (0.1, 0.9, 1.0, 4.0)
@@ -266,7 +266,7 @@ def test_loss_dspark_composes_the_whole_method():
 )
 def test_contradictions_fail_at_validation_naming_the_key(overrides, key, tmp_path):
     from dflashtrain.config.checks import validate
-    from dflashtrain.config.schema import ConfigError
+    from dflashtrain.config.errors import ConfigError
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "train.jsonl").write_text("")

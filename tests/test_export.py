@@ -18,7 +18,7 @@ from safetensors import safe_open
 from transformers import Qwen3Config
 
 import dflashtrain.export.hf as export_module
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.export.checkpoint import load_checkpoint, resolve_checkpoint
 from dflashtrain.export.hf import ExportCheckError, export, load_exported, reference_output
 from dflashtrain.models.dflash import DFlashDrafter, DrafterGeometry

@@ -12,7 +12,8 @@ from conftest import write_count_up_chats
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from dflashtrain.config.schema import ConfigError, register_configs
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import register_configs
 from dflashtrain.data.datamodule import ChatDataModule
 from dflashtrain.data.features import CachedTarget, check_manifest, decode_states, expected_entries, read_manifest
 from dflashtrain.families import family_checks, get_family

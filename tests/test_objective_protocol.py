@@ -164,15 +164,15 @@ class ToyLossConfig:
 
 
 def test_a_fifth_objective_trains_from_the_cli_with_only_its_module_yaml_and_schema(tmp_path):
-    """A copy of the package plus exactly three changes: objectives/toy.py, conf/loss/toy.yaml, and the schema
-    (its dataclass and one registry line). Nothing in train/, families/ or the module is touched."""
+    """A copy of the package plus exactly three changes: objectives/toy.py, conf/loss/toy.yaml, and the loss
+    schema (its dataclass and one registry line in config/losses.py). Nothing in train/, families/ or the module is touched."""
     source = tmp_path / "src"
     shutil.copytree(ROOT / "dflashtrain", source / "dflashtrain", symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "conf", source / "conf", ignore=shutil.ignore_patterns("__pycache__"))
     (source / "dflashtrain" / "objectives" / "toy.py").write_text(TOY_MODULE)
     (source / "conf" / "loss" / "toy.yaml").write_text("defaults:\n  - /schema/loss/toy@_here_\n  - _self_\n")
-    schema_file = source / "dflashtrain" / "config" / "schema.py"
+    schema_file = source / "dflashtrain" / "config" / "losses.py"
     schema = schema_file.read_text()
     registry = "LOSS_SCHEMAS: Dict[str, Type[Any]] = {\n"
     assert registry in schema

@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_module
 import dflashtrain.train.recipe as train_module
 from conftest import write_count_up_chats
 from dflashtrain.assets import TINY_TARGET_DIR
-from dflashtrain.config.schema import ConfigError, register_configs
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import register_configs
 from dflashtrain.train.outputs import claimed_output_dir
 from dflashtrain.train.recipe import run
 

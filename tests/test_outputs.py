@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import write_count_up_chats
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.export.atomic import PARTIAL_MARK, OutputWriteError, atomic_write_text
 from dflashtrain.train.checkpoint_io import SafeCheckpointIO
 from dflashtrain.train.loggers import CSVMetrics

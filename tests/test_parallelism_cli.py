@@ -137,7 +137,8 @@ def test_single_refuses_more_than_one_device_and_fsdp2_the_fsdp1_only_shardings(
     from hydra import compose, initialize_config_module
 
     from dflashtrain.config.checks import validate
-    from dflashtrain.config.schema import ConfigError, register_configs
+    from dflashtrain.config.errors import ConfigError
+    from dflashtrain.config.schema import register_configs
 
     register_configs()
     cases = {("parallelism.devices=2",): "parallelism.devices",

@@ -11,7 +11,8 @@ import torch
 from hydra import compose, initialize_config_module
 
 from dflashtrain.assets import TINY_TARGET_DIR
-from dflashtrain.config.schema import ConfigError, register_configs
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import register_configs
 from dflashtrain.data.chat import ChatFormat, render
 from dflashtrain.data.datamodule import ChatDataModule
 from dflashtrain.data.formats import Chat

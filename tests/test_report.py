@@ -15,7 +15,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dflashtrain.config.schema import ConfigError, ReportConfig, register_configs
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import ReportConfig, register_configs
 from dflashtrain.report.app import make_report
 from dflashtrain.report.jobs import job_command_line, read_status, recorded_run, write_status
 from dflashtrain.report.plots import curve_figure, run_labels
@@ -240,7 +241,7 @@ def test_a_sweep_into_a_folder_that_holds_runs_is_refused_before_any_job(tmp_pat
 
 def test_tiny_ablation_sweeps_the_four_objectives_into_a_fixed_folder(tmp_path):
     from dflashtrain.config.checks import validate
-    from dflashtrain.config.schema import LOSS_SCHEMAS
+    from dflashtrain.config.losses import LOSS_SCHEMAS
 
     FOUR_OBJECTIVES = ["decay", "dpace", "dspark", "vp_drafter"]
     assert set(FOUR_OBJECTIVES) <= set(LOSS_SCHEMAS)

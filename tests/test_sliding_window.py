@@ -152,7 +152,8 @@ def test_window_below_the_block_size_is_refused_before_any_weight_loads(tmp_path
     from hydra import compose, initialize_config_module
 
     from dflashtrain.config.checks import validate
-    from dflashtrain.config.schema import ConfigError, register_configs
+    from dflashtrain.config.errors import ConfigError
+    from dflashtrain.config.schema import register_configs
 
     register_configs()
     with initialize_config_module(config_module="dflashtrain.conf", version_base=None):

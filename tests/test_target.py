@@ -6,7 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dflashtrain.config.schema import ConfigError, DrafterConfig
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import DrafterConfig
 from dflashtrain.models.target import (
     FrozenTarget,
     default_layer_ids,

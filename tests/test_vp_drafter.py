@@ -21,7 +21,9 @@ from dflashtrain.objectives import build_objective
 from omegaconf import OmegaConf
 
 from factories import make_objective
-from dflashtrain.config.schema import DEFAULT_PREFIX_WEIGHT_BASE, ConfigError, MaskMode, TargetKind, register_configs
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.losses import DEFAULT_PREFIX_WEIGHT_BASE, MaskMode, TargetKind
+from dflashtrain.config.schema import register_configs
 from dflashtrain.config.checks import validate
 from dflashtrain.data.blocks import make_blocks
 from dflashtrain.objectives.protocol import SlotChunk

@@ -18,14 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dflashtrain.config.machine import uses_cuda, validate_machine
-from dflashtrain.config.schema import (
-    LOSS_SCHEMAS,
-    ConfigError,
-    DataKind,
-    Strategy,
-    SystemPromptPolicy,
-    TrainConfig,
-)
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.losses import LOSS_SCHEMAS
+from dflashtrain.config.schema import DataKind, Strategy, SystemPromptPolicy, TrainConfig
 from dflashtrain.families import family_checks
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 
 # "<n>-true" runs everything in one dtype, and the frozen target is not converted by Lightning: it must already be
 # stored in that dtype (model.target.dtype). Mixed precisions autocast and take a target of any dtype.

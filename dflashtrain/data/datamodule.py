@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.data import sources
 from dflashtrain.data.chat import ChatFormat
 from dflashtrain.data.features import FeatureLayout, decode_states, open_rows

@@ -21,7 +21,7 @@ from typing import Any, Dict, List
 import torch
 from torch import Tensor, nn
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.models.target import DTYPES, TargetStates, load_target_config
 
 FORMAT = "dflashtrain-features"

@@ -6,7 +6,8 @@ from typing import List, Optional, Sequence
 
 from transformers import GenerationConfig
 
-from dflashtrain.config.schema import BadRowPolicy, ConfigError
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import BadRowPolicy
 from dflashtrain.data import sources
 from dflashtrain.data.chat import STOP_TOKENS, ChatFormat, render
 from dflashtrain.data.formats import Chat

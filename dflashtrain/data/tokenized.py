@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.data import sources
 from dflashtrain.data.chat import ChatFormat, tokenize_chat
 from dflashtrain.data.formats import Chat, apply_system_policy, detect_format, to_chat

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.families import DraftingFamily, get_family
 from dflashtrain.models.dflash import DrafterGeometry
 

@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any, Dict, List
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.export.atomic import atomic_write_text, fsync_dir
 
 MARKER = "dflashtrain_export.json"

@@ -33,7 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dflashtrain.config.schema import ConfigError, DType
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import DType
 from dflashtrain.export.atomic import OutputWriteError
 from dflashtrain.export.checkpoint import LoadedDrafter, load_checkpoint
 from dflashtrain.export.directory import check_output_dir, make_staging, publish

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.data.prompts import read_prompts, stop_token_ids
 from dflashtrain.export.atomic import atomic_write_text
 from dflashtrain.export.checkpoint import load_checkpoint, resolve_checkpoint

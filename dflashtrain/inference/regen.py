@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dflashtrain.config.checks import validate_data
-from dflashtrain.config.schema import ConfigError, DataKind
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import DataKind
 from dflashtrain.data import sources
 from dflashtrain.data.chat import ChatFormat, render
 from dflashtrain.data.features import target_fingerprint

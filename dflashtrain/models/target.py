@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.models.dflash import DrafterGeometry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # DType names

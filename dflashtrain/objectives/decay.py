@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 
 from torch import Tensor
 
-from dflashtrain.config.schema import MaskMode, TargetKind
+from dflashtrain.config.losses import MaskMode, TargetKind
 from dflashtrain.objectives.protocol import (
     ChunkLoss,
     Normalizer,

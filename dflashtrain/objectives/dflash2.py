@@ -26,7 +26,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from dflashtrain.config.schema import DFlash2Base, DPaceMode, MaskMode, Reduction, SelectorGold, TargetKind
+from dflashtrain.config.losses import DFlash2Base, DPaceMode, MaskMode, Reduction, SelectorGold, TargetKind
 from dflashtrain.objectives.decay import DecayObjective
 from dflashtrain.objectives.dpace import DPaceObjective
 from dflashtrain.objectives.metrics import SlotCounts

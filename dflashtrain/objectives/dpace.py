@@ -21,7 +21,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from dflashtrain.config.schema import ConfigError, DPaceMode, MaskMode, Reduction, TargetKind
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.losses import DPaceMode, MaskMode, Reduction, TargetKind
 from dflashtrain.objectives.protocol import (
     ChunkLoss,
     Normalizer,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dflashtrain.config.schema import MaskMode
+from dflashtrain.config.losses import MaskMode
 from dflashtrain.objectives.protocol import ChunkLoss, Normalizer, SlotChunk, constant_coefficients, unchanged_blocks
 from dflashtrain.objectives.slots import supervision_mask, weighted_sums
 from dflashtrain.objectives.metrics import SlotCounts, confidence_sums, summarize_confidence

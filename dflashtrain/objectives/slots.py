@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dflashtrain.config.schema import MaskMode, TargetKind
+from dflashtrain.config.losses import MaskMode, TargetKind
 from dflashtrain.objectives.protocol import ChunkLoss, SlotChunk
 
 

@@ -19,7 +19,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from dflashtrain.config.schema import DEFAULT_PREFIX_WEIGHT_BASE, MaskMode, TargetKind
+from dflashtrain.config.losses import DEFAULT_PREFIX_WEIGHT_BASE, MaskMode, TargetKind
 from dflashtrain.data.blocks import DraftBlocks
 from dflashtrain.data.sampling import RowGenerators
 from dflashtrain.objectives.metrics import SlotCounts

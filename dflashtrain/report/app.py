@@ -14,7 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from dflashtrain.config.schema import ConfigError, ReportConfig, register_configs
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import ReportConfig, register_configs
 from dflashtrain.report.plots import plot_curves, run_labels
 from dflashtrain.report.runs import find_runs, read_run, run_names, swept_keys
 from dflashtrain.report.table import SMOOTH, markdown, seed_groups, summarize, winners_line, write_csv

@@ -20,7 +20,8 @@ from typing import Any, Callable
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from dflashtrain.config.schema import ConfigError, ReportConfig
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import ReportConfig
 from dflashtrain.report.jobs import is_global_rank_zero
 from dflashtrain.report.runs import is_run_dir
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.report.jobs import read_status
 
 RUN_MARKERS = (".hydra", "status.json", "checkpoints", "tensorboard", "csv")

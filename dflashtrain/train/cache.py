@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dflashtrain.config.checks import validate, validate_against_target
-from dflashtrain.config.schema import ConfigError, DataKind
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import DataKind
 from dflashtrain.data.datamodule import ChatCollator, ChatDataModule
 from dflashtrain.data.features import FORMAT, MANIFEST, VERSION, encode_states, target_fingerprint
 from dflashtrain.models.target import (

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
@@ -34,3 +35,11 @@ class SafeCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         pass
+
+
+def save_training_state(trainer: L.Trainer, path: Path) -> None:
+    """The whole training state at ``path`` (weights, optimizer, schedulers, loops, the callbacks' and the data's
+    states), written through the Trainer, so by :class:`SafeCheckpointIO` (atomic). Lightning's second argument
+    chooses what is *saved* (False: everything, not the weights alone); it is not torch.load's flag, and nothing is
+    unpickled here: every load above is ``weights_only=True``."""
+    trainer.save_checkpoint(str(path), False)

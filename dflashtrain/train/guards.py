@@ -19,6 +19,8 @@ from typing import Any, List
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from dflashtrain.train.checkpoint_io import save_training_state
+
 
 LAST_GOOD = "last-good-step{step:07d}"  # global_step = optimizer steps already applied to the saved weights
 
@@ -79,7 +81,7 @@ class NonFiniteGuard(Callback):
     def stop(self, trainer: L.Trainer, what: str, sample_ids: List[int]) -> None:
         """Save the untouched weights, then raise. Called on every rank (saving is collective)."""
         path = unused_path(self.checkpoint_dir / f"{LAST_GOOD.format(step=trainer.global_step)}.ckpt")
-        trainer.save_checkpoint(str(path), weights_only=False)  # the whole training state (saving, not loading)
+        save_training_state(trainer, path)
         ids = f"sample ids {sample_ids} (file:N)" if sample_ids else "sample ids on the reporting rank"
         raise NonFiniteLossError(
             f"non-finite {what} at step {trainer.global_step}, {ids}; stopped before the optimizer step, "

@@ -35,7 +35,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.export.atomic import remove_partials
 
 LOCK_NAME = ".dflashtrain.lock"

@@ -28,6 +28,8 @@ from typing import Any, Dict, Optional
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from dflashtrain.train.checkpoint_io import save_training_state
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -120,8 +122,8 @@ class SaveOnStop(L.Callback):
         name = LAST if self.save_last else f"step{step:07d}.ckpt"
         periodic = step % self.every_n_train_steps == 0 and (self.save_last or self.save_top_k != 0)
         self.saved = self.checkpoint_dir / name
-        if not periodic:  # the whole training state (weights_only here is about saving, not loading)
-            trainer.save_checkpoint(str(self.saved), weights_only=False)
+        if not periodic:
+            save_training_state(trainer, self.saved)
 
 
 def requeue_slurm_job() -> str:

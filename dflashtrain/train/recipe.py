@@ -31,7 +31,8 @@ from dflashtrain.config.checks import (
     validate,
     validate_against_target,
 )
-from dflashtrain.config.schema import ConfigError, DataKind
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import DataKind
 from dflashtrain.data.chat import ChatFormat
 from dflashtrain.data.datamodule import ChatDataModule
 from dflashtrain.data.features import CachedTarget, check_manifest, expected_entries, read_manifest

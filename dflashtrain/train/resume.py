@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.export.checkpoint import METADATA_KEY, read_checkpoint
 
 log = logging.getLogger(__name__)

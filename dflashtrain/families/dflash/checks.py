@@ -6,7 +6,7 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig
 
-from dflashtrain.config.schema import ConfigError
+from dflashtrain.config.errors import ConfigError
 from dflashtrain.families.dflash2.checks import refuse_options
 
 

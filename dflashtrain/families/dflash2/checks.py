@@ -10,7 +10,8 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig
 
-from dflashtrain.config.schema import ConfigError, DrafterConfig
+from dflashtrain.config.errors import ConfigError
+from dflashtrain.config.schema import DrafterConfig
 
 OPTIONS = ("conv_kernel_size", "conv_group_size", "selector_rank", "selector_top_k")
 
