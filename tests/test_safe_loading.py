@@ -59,7 +59,7 @@ def console(entry: str, *args: str, monkeypatch, capsys, cwd: Path):
 def test_read_checkpoint_refuses_both_kinds_of_bomb(bombs):
     zipped, bare, marker = bombs
     for path in (zipped, bare):
-        with pytest.raises(dflashtrain.config.schema.ConfigError, match=f"^ckpt_path: .*{path.name}"):
+        with pytest.raises(dflashtrain.config.errors.ConfigError, match=f"^ckpt_path: .*{path.name}"):
             read_checkpoint(path)
     assert not marker.exists()
 

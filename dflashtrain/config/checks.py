@@ -1,6 +1,6 @@
 """Checks that run before any weight is loaded: ranges, cross-group rules, and rules against the target's config.
 
-Each raises :class:`~dflashtrain.config.schema.ConfigError` naming the key and what is allowed. ``validate`` runs
+Each raises :class:`~dflashtrain.config.errors.ConfigError` naming the key and what is allowed. ``validate`` runs
 once per launch: the CLI calls it before importing Lightning; ``dflashtrain.train.recipe.run`` for programmatic use.
 """
 

@@ -3,7 +3,7 @@ target's dtype, and several nodes are asked for only under a launcher that start
 
 Lightning would find each of these out later, after the data is tokenized and the target loaded, as a traceback
 (or, for ``num_nodes > 1`` without a launcher, by waiting forever for nodes that never come). Each raises
-:class:`~dflashtrain.config.schema.ConfigError` naming the key. torch is imported only to ask what hardware exists.
+:class:`~dflashtrain.config.errors.ConfigError` naming the key. torch is imported only to ask what hardware exists.
 """
 
 from __future__ import annotations
